@@ -1,0 +1,732 @@
+"""``abuse.rate_spike``: request-rate spikes per api key and per client IP (see RateSpike)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from detectors.base import (
+    EMPTY,
+    F64,
+    I64,
+    AlertChange,
+    DetectorBase,
+    DetectorInput,
+    Findings,
+    KeyedColumns,
+    KeySpace,
+    Output,
+    Snapshot,
+    entity_name,
+    json_evidence,
+    segment_starts,
+)
+from detectors.registry import register
+
+NONE = int(np.iinfo(np.int64).min)
+WEIGHT_ONE = 1 << 24  # population weights are integers, so the p99 is exact and order-free
+# Lower edges of the population histogram's bins: quarter octaves of request counts, as integers.
+EDGES = np.array(sorted({math.ceil(2 ** (m / 4)) for m in range(4 * 40 + 1)}), np.int64)
+QUANTILE = (99, 100)
+
+COLUMNS: dict[str, tuple[Any, Any]] = {
+    "bucket": (np.int64, NONE),  # the key's current bucket index
+    "count": (np.int64, 0),  # requests in the current bucket
+    "threshold": (np.float64, 0.0),  # fixed when the current bucket opened
+    "mean": (np.float64, 0.0),  # EWMA of completed bucket counts (history before the bucket)
+    "var": (np.float64, 0.0),
+    "n_buckets": (np.int64, 0),  # completed buckets folded in, capped
+    "ep_start": (np.int64, NONE),  # open episode's start in event time, NONE when none
+    "ep_bucket": (np.int64, NONE),  # last spiking bucket of the open episode
+    "ep_count": (np.int64, 0),
+    "ep_first": (np.int64, 0),
+    "ep_last": (np.int64, 0),
+    "ep_peak": (np.float64, 0.0),  # highest count / threshold of the episode
+}
+
+
+def population_weights(history_buckets: int) -> list[int]:
+    """Integer decay weights of completed bucket counts by age in buckets (age < ring length)."""
+    beta = 1.0 - 2.0 / (history_buckets + 1)
+    length = max(2, min(4096, math.ceil(math.log(1e-4) / math.log(beta)) if beta > 0 else 2))
+    return [int(WEIGHT_ONE * beta**age) for age in range(length)]
+
+
+@dataclass(slots=True)
+class _Episode:
+    """What an open episode needs beyond its numeric columns; only open episodes have one."""
+
+    entity: str
+    model_id: str
+    tenant: str
+    crossing_ms: int
+    samples: list[str] = field(default_factory=list)
+    evidence: dict[str, Any] = field(default_factory=dict)
+    opened_now: bool = False
+    touched: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "entity": self.entity,
+            "model_id": self.model_id,
+            "tenant": self.tenant,
+            "crossing_ms": self.crossing_ms,
+            "samples": self.samples,
+            "evidence": self.evidence,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _Runs:
+    """One entity type's rows of a batch cut into runs of (key, bucket), for the episode step."""
+
+    et: str
+    table: _Table
+    batch: DetectorInput
+    rows: I64
+    order: I64
+    ts: I64
+    start: I64
+    length: I64
+    slot: I64
+    bucket: I64
+    total: I64
+    base: I64
+    thr: F64
+    mean: F64
+    var: F64
+    high: F64
+
+
+class _Population:
+    """Decayed histogram of completed bucket counts of one entity type, as a ring of integer
+    counts per bucket index; its p99 is the yardstick for keys without a history."""
+
+    def __init__(self, weights: list[int], min_weight: int) -> None:
+        self.weights = np.array(weights, np.int64)
+        self.length = len(weights)
+        self.min_weight = min_weight
+        self.clock = NONE
+        self.high = math.inf
+        self.ring = np.zeros((self.length, len(EDGES) - 1), np.int64)
+
+    def add(self, buckets: I64, counts: I64) -> None:
+        keep = buckets > self.clock - self.length
+        if not keep.any():
+            return
+        bins = np.minimum(np.searchsorted(EDGES, counts[keep], "right") - 1, len(EDGES) - 2)
+        np.add.at(self.ring, (buckets[keep] % self.length, bins), 1)
+
+    def advance_to(self, clock: int) -> None:
+        if self.clock != NONE:
+            if clock - self.clock >= self.length:
+                self.ring[:] = 0
+            else:
+                self.ring[np.arange(self.clock + 1, clock + 1) % self.length] = 0
+        self.clock = clock
+        ages = (clock - np.arange(self.length)) % self.length
+        hist = (self.weights[ages] @ self.ring).tolist()
+        total = sum(hist)
+        if total < self.min_weight:
+            self.high = math.inf
+            return
+        cum = 0
+        for i, h in enumerate(hist):  # Python ints: exact, no overflow
+            cum += h
+            if cum * QUANTILE[1] >= total * QUANTILE[0]:
+                self.high = float(EDGES[i + 1] - 1)
+                return
+
+    def to_json(self) -> dict[str, Any]:
+        j, b = np.nonzero(self.ring)
+        return {
+            "clock": None if self.clock == NONE else self.clock,
+            "high": None if math.isinf(self.high) else self.high,
+            "ring": [j.tolist(), b.tolist(), self.ring[j, b].tolist()],
+        }
+
+    def from_json(self, state: dict[str, Any]) -> None:
+        self.clock = NONE if state["clock"] is None else int(state["clock"])
+        self.high = math.inf if state["high"] is None else float(state["high"])
+        self.ring[:] = 0
+        j, b, c = state["ring"]
+        self.ring[np.asarray(j, np.int64), np.asarray(b, np.int64)] = c
+
+
+class _Table:
+    """All state of one entity type."""
+
+    def __init__(self, weights: list[int], min_weight: int) -> None:
+        self.cols = KeyedColumns(COLUMNS)
+        self.population = _Population(weights, min_weight)
+        self.episodes: dict[int, _Episode] = {}
+
+
+def _segmented_cummax(values: I64, seg_id: I64) -> I64:
+    """Running maximum of ``values`` restarting at each segment (segments are contiguous)."""
+    same = seg_id[1:] == seg_id[:-1]
+    if not np.any((values[1:] < values[:-1]) & same):
+        return values
+    distinct, rank = np.unique(values, return_inverse=True)
+    width = int(distinct.size)
+    acc = np.maximum.accumulate(seg_id * width + rank)
+    return distinct[acc - seg_id * width]
+
+
+@register("abuse.rate_spike")
+class RateSpike(DetectorBase):
+    """A caller's request rate jumps far above its own history, or far above what callers do.
+
+    Counts requests per api key and per client IP (per partition, DESIGN.md section 2) in
+    tumbling event-time buckets of ``bucket_s``. Each bucket's threshold is fixed when it opens,
+    from history only:
+
+    - a warm key (``warmup_buckets`` completed buckets, empty ones included) against an EWMA of
+      its own counts: ``max(min_count, mean + k_sigma * sqrt(var + mean), ratio * mean)``. The
+      ``+ mean`` is a Poisson floor for steady callers; ``ratio * mean`` keeps a heavy, honest
+      caller from firing on noise. The EWMA starts as a running average (``alpha = max(2 /
+      (history_buckets + 1), 1 / n)``) so a key's first, partial bucket does not dominate it.
+    - a cold key against the population: ``max(min_count, cold_factor * high)``, ``high`` the
+      p99 of completed bucket counts of all keys, from an exponentially decayed log-spaced
+      histogram. Until it holds ``min_population`` decayed samples cold keys are not judged
+      (a fresh deployment would page on every heavy caller in its first minute). A key idle
+      for ``history_buckets`` buckets starts cold again: a nightly job must not page daily.
+
+    Why: callers differ by orders of magnitude, so one fixed count per key is useless; an EWMA
+    costs a few numbers per key and follows slow growth.
+
+    Each event whose running count exceeds its bucket's threshold is a finding (``rate_spike``,
+    score ``count / threshold``; flagged for both its key and its IP: one finding, the higher
+    score). An episode opens at the first crossing and closes once the watermark passes the
+    key's last spiking bucket plus one full bucket; a crossing after such a gap opens a new
+    episode even before ``advance`` runs. Events older than their key's current bucket count
+    into it. The population clock (largest bucket seen) moves in arrival order, so the same
+    events in the same order give the same output however they are cut into batches.
+
+    Parameters: ``bucket_s`` (60), ``history_buckets`` (30, EWMA span), ``warmup_buckets`` (5),
+    ``k_sigma`` (6), ``ratio`` (4), ``min_count`` (30 per bucket), ``cold_factor`` (2),
+    ``min_population`` (20).
+
+    >>> import dataclasses
+    >>> from detectors.base import DetectorInput, KeySpace, entity_keys
+    >>> from schemas.batch import empty_batch
+    >>> det, ks = RateSpike(), KeySpace()
+    >>> def run(ts):
+    ...     obj = lambda v: np.full(len(ts), v, object)
+    ...     ev = dataclasses.replace(
+    ...         empty_batch(), event_id=np.array([f"e{t}" for t in ts], object),
+    ...         ts_ms=np.asarray(ts, np.int64), model_id=obj("m"), tenant=obj("t"),
+    ...         api_key_id=obj("key_ab12cd34ef"), client_ip=obj(""),
+    ...         partition=np.zeros(len(ts), np.int32))
+    ...     slots = {et: ks[et].lookup(entity_keys(ev, et), ev.ts_ms, ev.partition)
+    ...              for et in det.entity_types}
+    ...     return det.update(DetectorInput(ev, slots, ks, watermark_ms=0))
+    >>> run(np.arange(0, 600_000, 6_000)).alerts  # ten minutes at 10 calls a minute
+    ()
+    >>> out = run(600_000 + np.arange(100) * 500)  # then 100 calls in 50 seconds
+    >>> alert = out.alerts[0]
+    >>> len(out.findings[0].rows), alert.threshold, alert.score, alert.severity
+    (60, 40.0, 2.5, 'high')
+    >>> print(alert.title)
+    Request-rate spike on api key key_ab12…
+    >>> [a.status for a in det.advance(780_000).alerts]  # a quiet bucket after the spike
+    ['resolved']
+    """
+
+    atlas: ClassVar[tuple[str, ...]] = ("AML.T0040",)
+    owasp: ClassVar[tuple[str, ...]] = ("LLM10",)
+    entity_types: ClassVar[tuple[str, ...]] = ("api_key", "client_ip")
+
+    def __init__(
+        self,
+        bucket_s: int = 60,
+        history_buckets: int = 30,
+        warmup_buckets: int = 5,
+        k_sigma: float = 6.0,
+        ratio: float = 4.0,
+        min_count: int = 30,
+        cold_factor: float = 2.0,
+        min_population: float = 20.0,
+    ) -> None:
+        checks = {
+            "bucket_s": bucket_s >= 1,
+            "history_buckets": history_buckets >= 1,
+            "warmup_buckets": warmup_buckets >= 0,
+            "k_sigma": k_sigma >= 0,
+            "ratio": ratio >= 1,
+            "min_count": min_count >= 1,
+            "cold_factor": cold_factor > 0,
+            "min_population": min_population >= 0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                f"abuse.rate_spike: invalid {', '.join(bad)}; expected bucket_s >= 1, "
+                "history_buckets >= 1, warmup_buckets >= 0, k_sigma >= 0, ratio >= 1, "
+                "min_count >= 1, cold_factor > 0, min_population >= 0"
+            )
+        self.bucket_s = bucket_s
+        self.history_buckets = history_buckets
+        self.warmup_buckets = warmup_buckets
+        self.k_sigma = k_sigma
+        self.ratio = ratio
+        self.min_count = min_count
+        self.cold_factor = cold_factor
+        self.min_population = min_population
+        self.bucket_ms = bucket_s * 1000
+        self.alpha = 2.0 / (history_buckets + 1)
+        self.running = math.floor(1.0 / self.alpha)  # folds that use alpha = 1 / n
+        self.n_cap = max(self.running, warmup_buckets)
+        self.reset()
+
+    def reset(self) -> None:
+        weights = population_weights(self.history_buckets)
+        min_weight = math.ceil(self.min_population * WEIGHT_ONE)
+        self.tables = {et: _Table(weights, min_weight) for et in self.entity_types}
+        self._model_dirty = False
+
+    # -- per-key arithmetic, vectorised over keys ------------------------------------------
+
+    def _fold(self, mean: F64, var: F64, n: I64, count: I64, gap: I64) -> tuple[F64, F64, I64]:
+        """Fold one completed bucket of ``count``, then ``gap - 1`` empty buckets in closed form."""
+        a = np.maximum(self.alpha, 1.0 / (n + 1))
+        d = count - mean
+        incr = a * d
+        mean = mean + incr
+        var = (1.0 - a) * (var + d * incr)
+        n = n + 1
+        zeros = gap - 1
+        # empty buckets while alpha = 1/n: exact mean and population variance with zeros added
+        g1 = np.clip(self.running - n, 0, zeros)
+        n1 = n + g1
+        part = n / n1
+        mean1 = np.where(g1 > 0, mean * part, mean)
+        var1 = np.where(g1 > 0, np.maximum(part * (var + mean * mean) - mean1 * mean1, 0.0), var)
+        # then with a constant alpha: mean * b^g and b^g * (var + mean^2 * (1 - b^g))
+        decay = np.power(1.0 - self.alpha, (zeros - g1).astype(np.float64))
+        mean2 = mean1 * decay
+        var2 = decay * (var1 + mean1 * mean1 * (1.0 - decay))
+        stale = zeros >= self.history_buckets
+        return (
+            np.where(stale, 0.0, mean2),
+            np.where(stale, 0.0, var2),
+            np.where(stale, 0, np.minimum(n1 + zeros - g1, self.n_cap)),
+        )
+
+    def _threshold(self, mean: F64, var: F64, n: I64, high: F64) -> F64:
+        own = np.maximum(mean + self.k_sigma * np.sqrt(var + mean), self.ratio * mean)
+        cold = self.cold_factor * high
+        thr = np.maximum(np.where(n >= self.warmup_buckets, own, cold), self.min_count)
+        return np.floor(thr + 1e-6)  # counts are integers; the margin absorbs rounding
+
+    # -- update ------------------------------------------------------------------------------
+
+    def update(self, batch: DetectorInput) -> Output:
+        events = batch.events
+        if events.n == 0:
+            return EMPTY
+        self._model_dirty = True
+        parts: list[tuple[I64, F64, I64, F64, I64, F64, int]] = []
+        alerts: list[AlertChange] = []
+        for order_et, et in enumerate(self.entity_types):
+            col = events.api_key_id if et == "api_key" else events.client_ip
+            rows = np.flatnonzero(col != "").astype(np.int64)
+            if rows.size == 0:
+                continue
+            table = self.tables[et]
+            table.cols.ensure(batch.keyspace[et].capacity)
+            res = self._update_type(et, table, batch, rows, alerts)
+            parts.append((*res, order_et))
+        alerts.sort(key=lambda a: (a.ts_ms, a.entity_type, a.entity, a.status == "resolved"))
+        findings = self._findings(parts)
+        return Output(findings=findings, alerts=tuple(alerts))
+
+    def _findings(
+        self, parts: list[tuple[I64, F64, I64, F64, I64, F64, int]]
+    ) -> tuple[Findings, ...]:
+        if not parts or all(p[0].size == 0 for p in parts):
+            return ()
+        rows = np.concatenate([p[0] for p in parts])
+        score = np.concatenate([p[1] for p in parts])
+        count = np.concatenate([p[2] for p in parts])
+        thr = np.concatenate([p[3] for p in parts])
+        start = np.concatenate([p[4] for p in parts])
+        mean = np.concatenate([p[5] for p in parts])
+        et_idx = np.concatenate([np.full(p[0].size, p[6]) for p in parts])
+        # one finding per event: the entity type with the higher score, api_key on a tie
+        order = np.lexsort((et_idx, -score, rows))
+        keep = order[np.r_[True, rows[order][1:] != rows[order][:-1]]]
+        ets = [self.entity_types[i] for i in et_idx[keep].tolist()]
+        evidence = json_evidence(
+            [
+                {
+                    "count": c,
+                    "threshold": t,
+                    "bucket_start": s,
+                    "mean": round(m, 3),
+                    "entity_type": e,
+                }
+                for c, t, s, m, e in zip(
+                    count[keep].tolist(),
+                    thr[keep].tolist(),
+                    start[keep].tolist(),
+                    mean[keep].tolist(),
+                    ets,
+                    strict=True,
+                )
+            ]
+        )
+        label = np.full(keep.size, "rate_spike", dtype=object)
+        return (Findings(rows[keep], label, score[keep], evidence),)
+
+    def _update_type(
+        self,
+        et: str,
+        table: _Table,
+        batch: DetectorInput,
+        rows: I64,
+        alerts: list[AlertChange],
+    ) -> tuple[I64, F64, I64, F64, I64, F64]:
+        """All keys of one entity type at once. Returns flagged rows with score, count,
+        threshold, bucket start and baseline mean."""
+        cols = table.cols.cols
+        slots = batch.slots[et][rows]
+        ts = batch.events.ts_ms[rows]
+        n = rows.size
+        bucket = ts // self.bucket_ms
+        # events of each key together, in arrival order
+        order = np.argsort(slots, kind="stable")
+        ss, bs = slots[order], bucket[order]
+        seg = segment_starts(ss)
+        seg_id = np.repeat(np.arange(seg.size), np.diff(np.append(seg, n)))
+        seg_slot = ss[seg]
+        prev_b = cols["bucket"][seg_slot]
+        # out of order events count into the key's current bucket
+        eff = np.maximum(_segmented_cummax(bs, seg_id), prev_b[seg_id])
+        brk = np.ones(n, bool)
+        brk[1:] = (ss[1:] != ss[:-1]) | (eff[1:] != eff[:-1])
+        run_start = np.flatnonzero(brk)
+        run_len = np.diff(np.append(run_start, n))
+        nrun = run_start.size
+        run_id = np.repeat(np.arange(nrun), run_len)
+        run_seg = seg_id[run_start]
+        run_slot = ss[run_start]
+        run_b = eff[run_start]
+        first_run = np.searchsorted(run_start, seg)
+        rank = np.arange(nrun) - first_run[run_seg]
+        cont = (rank == 0) & (run_b == prev_b[run_seg])
+        base = np.where(cont, cols["count"][run_slot], 0)
+        run_total = base + run_len
+        count = np.arange(n) - run_start[run_id] + 1 + base[run_id]
+        # the bucket each opening run closes, and its count
+        prev_run = np.maximum(np.arange(nrun) - 1, 0)
+        p_b = np.where(rank > 0, run_b[prev_run], prev_b[run_seg])
+        p_c = np.where(rank > 0, run_total[prev_run], cols["count"][run_slot])
+        has_prev = ~cont & (p_b != NONE)
+        open_row = order[run_start]  # arrival position of each run's first event
+        high = self._population(table.population, bucket, open_row, has_prev, p_b, p_c)
+        r_mean, r_var, r_n, r_thr = self._levels(
+            cols, rank, cont, has_prev, run_slot, run_b, p_b, p_c, high[open_row]
+        )
+        thr = r_thr[run_id]
+        flag = count > thr
+        last = np.append(first_run[1:], nrun) - 1
+        ls = run_slot[last]
+        cols["bucket"][ls] = run_b[last]
+        cols["count"][ls] = run_total[last]
+        cols["threshold"][ls] = r_thr[last]
+        cols["mean"][ls] = r_mean[last]
+        cols["var"][ls] = r_var[last]
+        cols["n_buckets"][ls] = r_n[last]
+        table.cols.mark(seg_slot)
+        spiking = np.flatnonzero(run_total > r_thr)
+        if spiking.size:
+            runs = _Runs(
+                et,
+                table,
+                batch,
+                rows,
+                order,
+                ts,
+                run_start,
+                run_len,
+                run_slot,
+                run_b,
+                run_total,
+                base,
+                r_thr,
+                r_mean,
+                r_var,
+                high,
+            )
+            self._episodes(runs, spiking, alerts)
+        fs = order[flag]
+        return (
+            rows[fs],
+            count[flag] / thr[flag],
+            count[flag],
+            thr[flag],
+            eff[flag] * self.bucket_ms,
+            r_mean[run_id[flag]],
+        )
+
+    def _population(
+        self,
+        pop: _Population,
+        bucket: I64,
+        open_row: I64,
+        has_prev: npt.NDArray[np.bool_],
+        p_b: I64,
+        p_c: I64,
+    ) -> F64:
+        """The population high per row (arrival order). The clock is the running maximum of
+        buckets; at each step of it the high is recomputed from the buckets completed by
+        earlier events, so it does not depend on how the stream is cut into batches."""
+        n = bucket.size
+        clock = np.maximum.accumulate(bucket)
+        if pop.clock != NONE:
+            clock = np.maximum(clock, pop.clock)
+        before = np.empty(n, np.int64)
+        before[0] = pop.clock
+        before[1:] = clock[:-1]
+        steps = np.flatnonzero(clock > before)
+        folds = np.flatnonzero(has_prev)
+        f_order = np.argsort(open_row[folds], kind="stable")
+        f_row, f_b, f_c = (x[folds][f_order] for x in (open_row, p_b, p_c))
+        cut = np.searchsorted(f_row, steps)
+        highs = np.empty(steps.size + 1)
+        highs[0] = pop.high
+        lo = 0
+        for i, (row, hi) in enumerate(zip(steps.tolist(), cut.tolist(), strict=True)):
+            pop.add(f_b[lo:hi], f_c[lo:hi])
+            lo = hi
+            pop.advance_to(int(clock[row]))
+            highs[i + 1] = pop.high
+        pop.add(f_b[lo:], f_c[lo:])
+        return highs[np.searchsorted(steps, np.arange(n), "right")]
+
+    def _levels(
+        self,
+        cols: dict[str, npt.NDArray[Any]],
+        rank: I64,
+        cont: npt.NDArray[np.bool_],
+        has_prev: npt.NDArray[np.bool_],
+        run_slot: I64,
+        run_b: I64,
+        p_b: I64,
+        p_c: I64,
+        high: F64,
+    ) -> tuple[F64, F64, I64, F64]:
+        """History and threshold of every run. A key's runs depend on each other, so go level
+        by level (a key's first bucket of the batch, its second, ...), all keys at once."""
+        nrun = rank.size
+        r_mean = cols["mean"][run_slot]
+        r_var = cols["var"][run_slot]
+        r_n = cols["n_buckets"][run_slot]
+        r_thr = cols["threshold"][run_slot]
+        by_rank = np.argsort(rank, kind="stable")
+        bounds = np.searchsorted(rank[by_rank], np.arange(int(rank.max()) + 2))
+        for level in range(bounds.size - 1):
+            r = by_rank[bounds[level] : bounds[level + 1]]
+            r = r[~cont[r]]
+            if r.size == 0:
+                continue
+            src = r if level == 0 else r - 1
+            m, v, k = r_mean[src], r_var[src], r_n[src]
+            f = has_prev[r]
+            if f.any():
+                fm, fv, fk = self._fold(m[f], v[f], k[f], p_c[r][f], run_b[r][f] - p_b[r][f])
+                m, v, k = m.copy(), v.copy(), k.copy()
+                m[f], v[f], k[f] = fm, fv, fk
+            r_mean[r], r_var[r], r_n[r] = m, v, k
+            r_thr[r] = self._threshold(m, v, k, high[r])
+        assert r_thr.size == nrun
+        return r_mean, r_var, r_n, r_thr
+
+    # -- episodes ----------------------------------------------------------------------------
+
+    def _episodes(self, runs: _Runs, spiking: I64, alerts: list[AlertChange]) -> None:
+        """Open, extend and close episodes for the runs (key, bucket) that spiked: a loop over
+        the few spiking runs, not over keys or events."""
+        table, cols, events = runs.table, runs.table.cols.cols, runs.batch.events
+        for r in spiking.tolist():
+            slot = int(runs.slot[r])
+            b = int(runs.bucket[r])
+            thr = float(runs.thr[r])
+            if cols["ep_start"][slot] != NONE and b >= cols["ep_bucket"][slot] + 2:
+                self._close(runs.et, table, slot, alerts)
+            # counts rise within a run, so its flagged events are its tail
+            first = int(runs.start[r]) + max(0, int(thr) - int(runs.base[r]))
+            end = int(runs.start[r] + runs.length[r])
+            flagged = runs.rows[runs.order[first:end]]
+            f_ts = runs.ts[runs.order[first:end]]
+            ep = table.episodes.get(slot)
+            if cols["ep_start"][slot] == NONE:
+                cross = int(flagged[0])
+                ep = table.episodes[slot] = _Episode(
+                    self._name(runs.et, runs.batch.keyspace, slot),
+                    str(events.model_id[cross]),
+                    str(events.tenant[cross]),
+                    int(events.ts_ms[cross]),
+                    opened_now=True,
+                )
+                cols["ep_start"][slot] = b * self.bucket_ms
+                cols["ep_first"][slot] = f_ts.min()
+                cols["ep_last"][slot] = f_ts.max()
+            elif ep is None:  # restored rows without their model-level extras
+                ep = table.episodes[slot] = self._placeholder(runs.et, runs.batch.keyspace, slot)
+            ep.touched = True
+            cols["ep_bucket"][slot] = b
+            cols["ep_count"][slot] += flagged.size
+            cols["ep_first"][slot] = min(int(cols["ep_first"][slot]), int(f_ts.min()))
+            cols["ep_last"][slot] = max(int(cols["ep_last"][slot]), int(f_ts.max()))
+            if len(ep.samples) < 5:
+                ep.samples.extend(str(e) for e in events.event_id[flagged[: 5 - len(ep.samples)]])
+            peak = float(runs.total[r]) / thr
+            if peak > cols["ep_peak"][slot]:
+                cols["ep_peak"][slot] = peak
+                pop_high = float(runs.high[runs.order[end - 1]])
+                ep.evidence = {
+                    "count": int(runs.total[r]),
+                    "threshold": thr,
+                    "mean": round(float(runs.mean[r]), 3),
+                    "std": round(math.sqrt(float(runs.var[r])), 3),
+                    "bucket_s": self.bucket_s,
+                    "bucket_start_ms": b * self.bucket_ms,
+                    "population_high": None if math.isinf(pop_high) else pop_high,
+                }
+        for slot, ep in table.episodes.items():
+            if ep.touched:
+                alerts.append(self._alert(runs.et, table, slot, "firing"))
+                ep.touched = ep.opened_now = False
+
+    @staticmethod
+    def _name(et: str, keyspace: KeySpace, slot: int) -> str:
+        return entity_name(et, str(keyspace[et].keys_of(np.array([slot]))[0]))
+
+    def _placeholder(self, et: str, keyspace: KeySpace, slot: int) -> _Episode:
+        start = int(self.tables[et].cols.cols["ep_start"][slot])
+        return _Episode(self._name(et, keyspace, slot), "", "", start)
+
+    def _close(self, et: str, table: _Table, slot: int, alerts: list[AlertChange]) -> None:
+        ep = table.episodes.get(slot)
+        if ep is not None and ep.opened_now:  # opened and closed in one batch: say it fired
+            alerts.append(self._alert(et, table, slot, "firing"))
+        alerts.append(self._alert(et, table, slot, "resolved"))
+        table.episodes.pop(slot, None)
+        cols = table.cols.cols
+        for name in ("ep_start", "ep_bucket", "ep_count", "ep_first", "ep_last", "ep_peak"):
+            cols[name][slot] = COLUMNS[name][1]
+        table.cols.mark(np.array([slot]))
+
+    def _alert(self, et: str, table: _Table, slot: int, status: str) -> AlertChange:
+        cols = table.cols.cols
+        ep = table.episodes[slot]
+        who = "api key" if et == "api_key" else "client IP"
+        shown = ep.entity if et != "api_key" or len(ep.entity) <= 12 else ep.entity[:8] + "…"
+        peak = float(cols["ep_peak"][slot])
+        ev = ep.evidence
+        start_ms = int(cols["ep_start"][slot])
+        when = datetime.fromtimestamp(ev.get("bucket_start_ms", start_ms) / 1000, UTC)
+        basis = (
+            f"baseline {ev.get('mean', 0.0):.1f} ± {ev.get('std', 0.0):.1f} per bucket"
+            if ev.get("population_high") is None
+            else f"a new caller; population p99 {ev['population_high']:.0f} per bucket"
+        )
+        count = int(cols["ep_count"][slot])
+        summary = (
+            f"{ev.get('count', '?')} requests from {who} {ep.entity} in the {self.bucket_s} s "
+            f"bucket starting {when:%Y-%m-%d %H:%M:%S}Z against a threshold of "
+            f"{ev.get('threshold', 0.0):.0f} ({basis}); {count} requests over the threshold."
+        )
+        resolved = status == "resolved"
+        clear_ms = (int(cols["ep_bucket"][slot]) + 2) * self.bucket_ms
+        return AlertChange(
+            entity_type=et,
+            entity=ep.entity,
+            model_id=ep.model_id,
+            tenant=ep.tenant,
+            status="resolved" if resolved else "firing",
+            ts_ms=clear_ms if resolved else ep.crossing_ms,
+            episode_start_ms=start_ms,
+            first_seen_ms=int(cols["ep_first"][slot]),
+            last_seen_ms=int(cols["ep_last"][slot]),
+            score=peak,
+            threshold=float(ev.get("threshold", 0.0)),
+            severity="high" if peak >= 2 else "medium",
+            title=f"Request-rate spike on {who} {shown}",
+            summary=summary,
+            evidence=dict(ev),
+            event_count=count,
+            sample_event_ids=tuple(ep.samples),
+            detector=self.name,
+        )
+
+    def advance(self, watermark_ms: int) -> Output:
+        """Close the episodes whose last spiking bucket is a full bucket behind the watermark."""
+        alerts: list[AlertChange] = []
+        for et, table in self.tables.items():
+            if not table.episodes:
+                continue
+            slots = np.fromiter(table.episodes, np.int64, len(table.episodes))
+            due = slots[(table.cols.cols["ep_bucket"][slots] + 2) * self.bucket_ms <= watermark_ms]
+            for slot in np.sort(due).tolist():
+                self._close(et, table, slot, alerts)
+        if not alerts:
+            return EMPTY
+        self._model_dirty = True
+        alerts.sort(key=lambda a: (a.ts_ms, a.entity_type, a.entity))
+        return Output(alerts=tuple(alerts))
+
+    # -- state -------------------------------------------------------------------------------
+
+    def evict(self, entity_type: str, slots: I64) -> None:
+        table = self.tables[entity_type]
+        table.cols.ensure(int(slots.max()) + 1 if slots.size else 0)
+        table.cols.clear(slots)
+        for slot in slots.tolist():
+            if table.episodes.pop(slot, None) is not None:
+                self._model_dirty = True
+
+    def snapshot(self, keyspace: KeySpace) -> Snapshot:
+        keyed = tuple(t.cols.snapshot(keyspace[et]) for et, t in self.tables.items())
+        if not self._model_dirty:
+            return Snapshot(keyed=keyed)
+        self._model_dirty = False
+        state: dict[str, Any] = {}
+        for et, t in self.tables.items():
+            slots = np.fromiter(t.episodes, np.int64, len(t.episodes))
+            keys = keyspace[et].keys_of(slots).tolist()
+            episodes = {
+                str(k): t.episodes[s].to_json() for k, s in zip(keys, slots.tolist(), strict=True)
+            }
+            state[et] = {**t.population.to_json(), "episodes": episodes}
+        return Snapshot(keyed=keyed, model=orjson.dumps({"version": 1, "types": state}))
+
+    def restore(self, snapshot: Snapshot, keyspace: KeySpace) -> None:
+        for rows in snapshot.keyed:
+            if rows.entity_type not in self.tables:
+                raise ValueError(
+                    f"abuse.rate_spike keeps state for {', '.join(self.tables)}, "
+                    f"not {rows.entity_type!r}"
+                )
+            self.tables[rows.entity_type].cols.restore(rows, keyspace[rows.entity_type])
+        if snapshot.model is not None:
+            state = orjson.loads(snapshot.model)["types"]
+            for et, t in self.tables.items():
+                t.population.from_json(state[et])
+                t.episodes = {}
+                for key, e in state[et]["episodes"].items():
+                    slot = keyspace[et].slot_of(key)
+                    if slot is not None:
+                        t.episodes[slot] = _Episode(**e)
+        for et, t in self.tables.items():  # open episodes whose extras were not saved with them
+            for slot in np.flatnonzero(t.cols.cols["ep_start"] != NONE).tolist():
+                if slot not in t.episodes:
+                    t.episodes[slot] = self._placeholder(et, keyspace, slot)

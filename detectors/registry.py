@@ -1,0 +1,57 @@
+"""Registry of detectors by ``<family>.<name>``; ``inferwatch run`` with no config runs them all.
+
+>>> sorted(names())[:2]
+['abuse.rate_spike', 'drift.psi']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from detectors.base import Detector
+
+_FACTORIES: dict[str, Callable[..., Detector]] = {}
+
+
+def register(name: str) -> Callable[[type[Any]], type[Any]]:
+    def wrap(cls: type[Any]) -> type[Any]:
+        if name in _FACTORIES:
+            raise ValueError(f"detector {name!r} registered twice")
+        cls.name = name
+        _FACTORIES[name] = cls
+        return cls
+
+    return wrap
+
+
+def _load_builtin() -> None:
+    # Importing the modules registers them; one public detector per module.
+    import detectors.psi
+    import detectors.rate_spike  # noqa: F401
+
+
+def names() -> list[str]:
+    _load_builtin()
+    return sorted(_FACTORIES)
+
+
+def create(name: str, **params: Any) -> Detector:
+    """A detector by registry name, with shipped defaults overridden by ``params``."""
+    _load_builtin()
+    try:
+        factory = _FACTORIES[name]
+    except KeyError:
+        raise KeyError(f"unknown detector {name!r}; registered: {', '.join(sorted(_FACTORIES))}")
+    return factory(**params)
+
+
+def create_all(config: dict[str, dict[str, Any]] | None = None) -> list[Detector]:
+    """Every registered detector, with per-detector parameter overrides from ``config``."""
+    config = config or {}
+    unknown = set(config) - set(names())
+    if unknown:
+        raise KeyError(
+            f"config names unknown detectors {sorted(unknown)}; registered: {', '.join(names())}"
+        )
+    return [create(n, **config.get(n, {})) for n in names()]

@@ -1,0 +1,149 @@
+"""Per-model routing: split a batch by model and align its columns to each model's stable index.
+
+Events carry features and scores by name, and a batch only knows the names it saw. Drift and
+query-pattern detectors need the same column to mean the same feature in every batch, so each
+model gets a stable, append-only index of feature names and score labels; a feature seen for the
+first time gets the next column and earlier rows read NaN for it.
+
+>>> from schemas.decode import decode
+>>> idx = FeatureIndex()
+>>> d = decode([b'{"schema_version":1,"event_id":"e1","ts":1,"model_id":"m","api_key_id":"k",'
+...             b'"input":{"features":{"b":2,"a":1}},"output":{"scores":{"yes":0.9,"no":0.1}}}'])
+>>> view = route(d.batch, idx)["m"]
+>>> view.feature_names, view.features.tolist(), view.score_labels
+(('a', 'b'), [[1.0, 2.0]], ('no', 'yes'))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+from schemas.batch import EventBatch
+
+I64 = npt.NDArray[np.int64]
+F64 = npt.NDArray[np.float64]
+
+
+@dataclass(frozen=True, slots=True)
+class ModelView:
+    """The rows of one model in a batch, with features and scores on the model's stable index.
+
+    Categorical features are in ``features`` too, as the code of the value in the model's own
+    dictionary for that feature (stable, like the names)."""
+
+    model_id: str
+    rows: I64  # rows of the batch, in arrival order
+    feature_names: tuple[str, ...]
+    categorical: tuple[bool, ...]
+    features: F64  # (len(rows), len(feature_names)), NaN where absent
+    score_labels: tuple[str, ...]
+    scores: F64  # (len(rows), len(score_labels)), NaN where absent
+
+
+class FeatureIndex:
+    """Stable, append-only per-model indices of feature names, category values and labels."""
+
+    def __init__(self) -> None:
+        self.features: dict[str, dict[str, int]] = {}
+        self.categorical: dict[str, dict[str, bool]] = {}
+        self.categories: dict[str, dict[str, dict[str, int]]] = {}
+        self.labels: dict[str, dict[str, int]] = {}
+        self.changed = False
+
+    def _names(self, table: dict[str, dict[str, int]], model: str, names: tuple[str, ...]) -> I64:
+        index = table.setdefault(model, {})
+        out = np.empty(len(names), np.int64)
+        for i, name in enumerate(names):
+            if name not in index:
+                index[name] = len(index)
+                self.changed = True
+            out[i] = index[name]
+        return out
+
+    def snapshot(self) -> bytes:
+        self.changed = False
+        return orjson.dumps(
+            {
+                "features": self.features,
+                "categorical": self.categorical,
+                "categories": self.categories,
+                "labels": self.labels,
+            }
+        )
+
+    def restore(self, blob: bytes) -> None:
+        state = orjson.loads(blob)
+        self.features = state["features"]
+        self.categorical = state["categorical"]
+        self.categories = state["categories"]
+        self.labels = state["labels"]
+        self.changed = False
+
+
+def _model_rows(model_id: npt.NDArray[np.object_]) -> dict[str, I64]:
+    if model_id.size == 0:
+        return {}
+    models, inverse = np.unique(model_id.astype(str), return_inverse=True)
+    order = np.argsort(inverse, kind="stable")
+    bounds = np.searchsorted(inverse[order], np.arange(len(models) + 1))
+    return {
+        str(m): order[bounds[i] : bounds[i + 1]].astype(np.int64) for i, m in enumerate(models)
+    }
+
+
+def route(batch: EventBatch, index: FeatureIndex) -> dict[str, ModelView]:
+    """Split ``batch`` per model; columns on each model's stable index (updated in place)."""
+    views: dict[str, ModelView] = {}
+    for model, rows in _model_rows(batch.model_id).items():
+        num = batch.num_values[rows]
+        num_present = ~np.isnan(num).all(axis=0) if num.size else np.zeros(0, bool)
+        cat = batch.cat_codes[rows]
+        cat_present = (cat >= 0).any(axis=0) if cat.size else np.zeros(0, bool)
+        num_names = tuple(n for n, p in zip(batch.num_names, num_present, strict=True) if p)
+        cat_names = tuple(n for n, p in zip(batch.cat_names, cat_present, strict=True) if p)
+        vec_len = int(batch.vector_len[rows].max()) if rows.size else 0
+        vec_names = tuple(f"v{i}" for i in range(vec_len))
+        kinds = index.categorical.setdefault(model, {})
+        for n in num_names + vec_names:
+            kinds.setdefault(n, False)
+        for n in cat_names:
+            kinds.setdefault(n, True)
+        cols_num = index._names(index.features, model, num_names)
+        cols_vec = index._names(index.features, model, vec_names)
+        cols_cat = index._names(index.features, model, cat_names)
+        names = tuple(index.features[model])
+        features = np.full((rows.size, len(names)), np.nan)
+        if num_names:
+            features[:, cols_num] = num[:, num_present]
+        if vec_names:
+            features[:, cols_vec] = batch.vector[rows][:, :vec_len]
+        for j, (name, col) in enumerate(zip(cat_names, cols_cat, strict=True)):
+            src = batch.cat_names.index(name)
+            values = batch.cat_values[src]
+            codes = index._names(
+                index.categories.setdefault(model, {}), name, values
+            ).astype(np.float64)
+            raw = cat[:, np.flatnonzero(cat_present)[j]]
+            features[:, col] = np.where(raw >= 0, codes[np.maximum(raw, 0)], np.nan)
+        sc = batch.scores[rows]
+        present = ~np.isnan(sc).all(axis=0) if sc.size else np.zeros(0, bool)
+        labels = tuple(n for n, p in zip(batch.score_labels, present, strict=True) if p)
+        cols_lab = index._names(index.labels, model, labels)
+        all_labels = tuple(index.labels[model])
+        scores = np.full((rows.size, len(all_labels)), np.nan)
+        if labels:
+            scores[:, cols_lab] = sc[:, present]
+        views[model] = ModelView(
+            model_id=model,
+            rows=rows,
+            feature_names=names,
+            categorical=tuple(kinds[n] for n in names),
+            features=features,
+            score_labels=all_labels,
+            scores=scores,
+        )
+    return views

@@ -1,0 +1,134 @@
+"""Throughput of the spine: file -> worker -> chdb, per stage and end to end, beside a baseline.
+
+    .venv/bin/python load-tests/bench_pipeline.py [--runs 3] [--small 100000] [--large 400000]
+
+End-to-end events/s is (large - small) / (t_large - t_small) over two replays of simulated
+tabular events (scenario ``bench``: ~500 bytes, 16 numeric features, two-class scores, 500
+callers) with every shipped detector on, so start-up (imports, chdb, migrations) cancels out;
+the median of ``--runs`` runs is printed. The baseline is a plain per-event loop: ``json.loads``,
+a dict per event, one ``client.insert`` of row lists per 10,000-event batch, into the same chdb.
+Per-stage microseconds per event come from the worker's own stage timers on the large run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def worker_run(path: Path, store_dir: Path) -> tuple[float, dict[str, float], int]:
+    from detectors.registry import create_all
+    from streams.sources import FileSource
+    from streams.store import Store
+    from streams.worker import Worker, WorkerSettings
+
+    t0 = time.perf_counter()
+    with Store(f"chdb:{store_dir}") as store:
+        worker = Worker(store, FileSource(path), create_all(), WorkerSettings())
+        counters = worker.run()
+    return time.perf_counter() - t0, dict(counters.stage_s), counters.events_total
+
+
+def baseline_run(path: Path, store_dir: Path) -> float:
+    """The naive way: one Python dict per event, row lists, one insert per batch."""
+    from streams.store import Store
+
+    cols = ["event_id", "ts", "model_id", "api_key_id", "client_ip", "features", "scores"]
+    t0 = time.perf_counter()
+    with Store(f"chdb:{store_dir}") as store, path.open("rb") as fh:
+        rows: list[list[object]] = []
+        for line in fh:
+            ev = json.loads(line)
+            ts = ev["ts"]
+            rows.append(
+                [
+                    ev["event_id"],
+                    ts / 1000 if isinstance(ts, int) else _parse_ts(ts),
+                    ev["model_id"],
+                    ev["api_key_id"],
+                    ev.get("client_ip", ""),
+                    ev.get("input", {}).get("features", {}),
+                    ev.get("output", {}).get("scores", {}),
+                ]
+            )
+            if len(rows) == 10_000:
+                store.client.insert("events", rows, column_names=cols)
+                rows = []
+        if rows:
+            store.client.insert("events", rows, column_names=cols)
+    return time.perf_counter() - t0
+
+
+def _parse_ts(text: str) -> float:
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def in_subprocess(kind: str, path: Path) -> dict[str, object]:
+    """Each run in a fresh process with a fresh store: chdb allows one store per process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        code = (
+            "import json,sys; sys.path.insert(0, %r); import importlib.util as u; "
+            "s=u.spec_from_file_location('b', %r); b=u.module_from_spec(s); s.loader.exec_module(b);"
+            "print(json.dumps(b.one(%r, %r, %r)))"
+        ) % (str(ROOT), __file__, kind, str(path), str(Path(tmp) / "store"))
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout
+    return dict(json.loads(out.strip().splitlines()[-1]))
+
+
+def one(kind: str, path: str, store_dir: str) -> dict[str, object]:
+    if kind == "worker":
+        secs, stages, n = worker_run(Path(path), Path(store_dir))
+        return {"seconds": secs, "stages": stages, "events": n}
+    return {"seconds": baseline_run(Path(path), Path(store_dir))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--small", type=int, default=100_000)
+    parser.add_argument("--large", type=int, default=400_000)
+    parser.add_argument("--skip-baseline", action="store_true")
+    args = parser.parse_args()
+    from streams.simulate import write
+
+    with tempfile.TemporaryDirectory() as tmp:
+        small, large = Path(tmp) / "small.jsonl", Path(tmp) / "large.jsonl"
+        write("bench", args.small, 1, small)
+        write("bench", args.large, 1, large)
+        size = large.stat().st_size / args.large
+        print(f"machine: {platform.machine()}, {platform.python_version()}, bytes/event {size:.0f}")
+        kinds = ["worker"] + ([] if args.skip_baseline else ["baseline"])
+        for kind in kinds:
+            rates, stage_runs = [], []
+            for _ in range(args.runs):
+                a = in_subprocess(kind, small)
+                b = in_subprocess(kind, large)
+                rate = (args.large - args.small) / (float(b["seconds"]) - float(a["seconds"]))
+                rates.append(rate)
+                if kind == "worker":
+                    stage_runs.append(b["stages"])
+            print(f"{kind:9} file -> chdb: {statistics.median(rates):>10,.0f} events/s "
+                  f"(runs: {', '.join(f'{r:,.0f}' for r in rates)})")
+            if stage_runs:
+                stages = stage_runs[len(stage_runs) // 2]
+                assert isinstance(stages, dict)
+                for stage, secs in stages.items():
+                    print(f"    {stage:12} {secs / args.large * 1e6:7.2f} us/event")
+
+
+if __name__ == "__main__":
+    main()

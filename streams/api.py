@@ -1,0 +1,471 @@
+"""The worker's local API: named read-only queries, commands, and Prometheus metrics.
+
+While a worker owns an embedded store it serves HTTP on 127.0.0.1 (a free port) and writes
+``DIR/api.json`` (pid, port, token; mode 0600) so the CLI can reach it; the file goes away on a
+clean stop. ``/v1/*`` needs ``Authorization: Bearer <token>``; ``/metrics`` does not.
+
+- ``GET /v1/query/<name>?param=value`` runs ``streams.queries.QUERIES[name]``: names and
+  keyword parameters, never SQL, so the API is read-only by construction.
+- ``POST /v1/commands`` ``{"command": name, "args": {...}}`` queues a state change that the
+  worker applies on its own thread at its next checkpoint (202 and an id);
+  ``GET /v1/commands/<id>`` tells whether it was applied.
+- ``GET /metrics``: Prometheus text format 0.0.4 from the worker's counters.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import inspect
+import os
+import secrets
+import threading
+import traceback
+import typing
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+
+from streams.queries import QUERIES
+from streams.store import Store, TransientStoreError
+
+if TYPE_CHECKING:
+    from streams.worker import Counters
+
+API_FILE = "api.json"
+HOST = "127.0.0.1"
+CLIENT_TIMEOUT_S = 10.0
+MAX_BODY_BYTES = 64 << 10
+KEPT_COMMANDS = 1000  # command states remembered for GET /v1/commands/<id>
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LOOPBACK_HOSTS = {HOST, "localhost", "[::1]"}
+
+
+class ServedWorker(Protocol):
+    """What the API needs of a worker (the real one, or a stand-in in tests)."""
+
+    @property
+    def counters(self) -> Counters: ...
+    @property
+    def commands(self) -> list[Callable[[Any], None]]: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def source(self) -> Any: ...
+    def request_checkpoint(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CommandSpec:
+    """A state change the worker applies on its own thread at its next checkpoint.
+
+    ``check`` validates the arguments when the request arrives (ValueError -> 400), so
+    ``apply`` never sees bad input; ``apply`` failing is a bug and crashes the worker before
+    its commit, like any other."""
+
+    apply: Callable[[Any, dict[str, Any]], None]
+    args: tuple[str, ...] = ()
+    check: Callable[[dict[str, Any]], None] | None = None
+    checkpoint_soon: bool = False
+
+
+def _nothing(worker: Any, args: dict[str, Any]) -> None:
+    """The checkpoint that applies the command is the whole effect."""
+
+
+COMMANDS: dict[str, CommandSpec] = {
+    "checkpoint_now": CommandSpec(_nothing, checkpoint_soon=True),
+}
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def query_function(name: str) -> Callable[..., Any]:
+    if name not in QUERIES:
+        raise HttpError(400, f"unknown query {name!r}; known: {', '.join(sorted(QUERIES))}")
+    return typing.cast("Callable[..., Any]", QUERIES[name])
+
+
+def query_parameters(name: str, raw: Mapping[str, list[str]]) -> dict[str, Any]:
+    """Validate query-string parameters against the query function's keyword arguments."""
+    fn = query_function(name)
+    hints = typing.get_type_hints(fn)
+    accepted = list(inspect.signature(fn).parameters)[1:]  # the first is the store
+    unknown = sorted(set(raw) - set(accepted))
+    if unknown:
+        raise HttpError(
+            400,
+            f"query {name!r}: unknown parameter {', '.join(unknown)}; "
+            f"accepted: {', '.join(accepted) or '(none)'}",
+        )
+    out: dict[str, Any] = {}
+    for key, values in raw.items():
+        if len(values) != 1:
+            raise HttpError(400, f"query {name!r}: parameter {key!r} given {len(values)} times")
+        hint = hints.get(key)
+        if hint is int or int in typing.get_args(hint):
+            text = values[0]
+            if not (text.isascii() and text.isdigit() and int(text) < 2**32):
+                raise HttpError(
+                    400, f"query {name!r}: {key} expects a whole number >= 0, got {text!r}"
+                )
+            out[key] = int(text)
+        else:
+            out[key] = values[0]
+    return out
+
+
+def encode_result(name: str, result: Any) -> dict[str, Any]:
+    """A query's rows (or object); datetimes are sent as RFC 3339 text (naive ones are UTC, as
+    the store's columns are) and named in ``datetime_fields`` so a client can restore them."""
+    rows = [r for r in result if isinstance(r, dict)] if isinstance(result, list) else []
+    fields = sorted({k for row in rows for k, v in row.items() if isinstance(v, dt.datetime)})
+    return {"query": name, "result": result, "datetime_fields": fields}
+
+
+def _dumps(value: Any) -> bytes:
+    return orjson.dumps(value, default=str, option=orjson.OPT_NAIVE_UTC)
+
+
+def _labels(**labels: object) -> str:
+    def esc(v: object) -> str:
+        return str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    return "{" + ",".join(f'{k}="{esc(v)}"' for k, v in labels.items()) + "}"
+
+
+# (name, type, help, Counters attribute) of the unlabelled metrics
+SCALAR_METRICS = (
+    ("inferwatch_events_total", "counter", "Events decoded and stored.", "events_total"),
+    ("inferwatch_findings_total", "counter", "Findings written.", "findings_total"),
+    ("inferwatch_alerts_total", "counter", "Alerts raised.", "alerts_total"),
+    ("inferwatch_late_events_total", "counter", "Events later than allowed.", "late_events_total"),
+    ("inferwatch_lost_events_total", "counter", "Events dropped unstored.", "lost_events_total"),
+    ("inferwatch_checkpoints_total", "counter", "Checkpoints completed.", "checkpoints_total"),
+    (
+        "inferwatch_checkpoint_seconds",
+        "gauge",
+        "Duration of the last checkpoint.",
+        "last_checkpoint_s",
+    ),
+    ("inferwatch_batch_seconds", "gauge", "Duration of the last batch.", "last_batch_s"),
+)
+
+
+def metrics_text(c: Counters, lag: Mapping[Any, Any]) -> str:
+    """Prometheus text format 0.0.4: HELP and TYPE, then one sample per line."""
+    lines: list[str] = []
+
+    def family(name: str, kind: str, text: str, samples: list[tuple[str, Any]]) -> None:
+        lines.extend((f"# HELP {name} {text}", f"# TYPE {name} {kind}"))
+        for labels, value in samples:
+            lines.append(f"{name}{labels} {value if type(value) is int else repr(float(value))}")
+
+    for name, kind, text, attribute in SCALAR_METRICS:
+        family(name, kind, text, [("", getattr(c, attribute))])
+    # copies first: the worker thread mutates these dicts while we read them
+    rejects, stages, lags = sorted(c.rejects_total.items()), sorted(c.stage_s.items()), dict(lag)
+    family(
+        "inferwatch_rejects_total",
+        "counter",
+        "Messages rejected to the dead-letter table, by reason.",
+        [(_labels(reason=r), n) for r, n in rejects],
+    )
+    family(
+        "inferwatch_consumer_lag_messages",
+        "gauge",
+        "Messages behind the end of each partition.",
+        [(_labels(partition=p), n) for p, n in sorted(lags.items())],
+    )
+    family(
+        "inferwatch_stage_seconds_total",
+        "counter",
+        "Time spent in each pipeline stage.",
+        [(_labels(stage=s), secs) for s, secs in stages],
+    )
+    return "\n".join(lines) + "\n"
+
+
+class _HttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+    api: ApiServer
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _HttpServer
+    server_version = "inferwatch"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: the worker's terminal shows its progress bar, not an access log."""
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def _dispatch(self, method: str) -> None:
+        api = self.server.api
+        try:
+            host = self.headers.get("Host", "").rsplit(":", 1)[0]
+            if host not in LOOPBACK_HOSTS:  # a DNS-rebinding page names its own host
+                raise HttpError(403, f"host {host!r} refused; use {HOST}")
+            url = urllib.parse.urlsplit(self.path)
+            if method == "GET" and url.path == "/metrics":
+                self._send(200, api.metrics().encode(), METRICS_CONTENT_TYPE)
+                return
+            scheme, _, token = self.headers.get("Authorization", "").partition(" ")
+            if scheme != "Bearer" or not hmac.compare_digest(token.encode(), api.token.encode()):
+                raise HttpError(401, "missing or wrong token (see api.json beside the store)")
+            query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
+            body = self._body() if method == "POST" else None
+            status, payload = api.route(method, url.path, query, body)
+            self._send(status, _dumps(payload), "application/json")
+        except HttpError as exc:
+            self._send(exc.status, _dumps({"error": exc.message}), "application/json")
+        except TransientStoreError as exc:
+            self._send(503, _dumps({"error": str(exc)}), "application/json")
+        except Exception as exc:
+            # This request fails loudly; ingestion, on its own thread, is not affected.
+            traceback.print_exc()
+            error = {"error": f"internal error: {type(exc).__name__}: {exc}"}
+            self._send(500, _dumps(error), "application/json")
+
+    def _body(self) -> Any:
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise HttpError(411, "a JSON body with Content-Length is required")
+        if int(length) > MAX_BODY_BYTES:
+            raise HttpError(413, f"body over {MAX_BODY_BYTES} bytes")
+        try:
+            return orjson.loads(self.rfile.read(int(length)))
+        except orjson.JSONDecodeError as exc:
+            raise HttpError(400, f"body is not JSON: {exc}") from None
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+class ApiServer:
+    """The loopback HTTP server of one worker; ``start()`` then ``stop()`` (idempotent)."""
+
+    def __init__(self, worker: ServedWorker, directory: Path | None, port: int = 0) -> None:
+        self.worker = worker
+        self.directory = directory
+        self.token = secrets.token_urlsafe(32)
+        self._http = _HttpServer((HOST, port), _Handler)
+        self._http.api = self
+        self.port: int = self._http.server_address[1]
+        self._thread: threading.Thread | None = None
+        self._states: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._states_lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._http.serve_forever, name="inferwatch-api", daemon=True
+        )
+        self._thread.start()
+        if self.directory is not None:
+            write_api_file(self.directory, ApiInfo(os.getpid(), self.port, self.token))
+
+    def stop(self) -> None:
+        if self.directory is not None:
+            try:
+                info = read_api_file(self.directory)
+            except ApiError:
+                info = None  # not ours to remove: we write it whole or not at all
+            if info is not None and info.token == self.token:
+                (self.directory / API_FILE).unlink(missing_ok=True)
+        if self._thread is not None:
+            self._http.shutdown()
+            self._thread.join()
+            self._thread = None
+        self._http.server_close()
+
+    def metrics(self) -> str:
+        lag: Mapping[Any, Any] = getattr(self.worker.source, "lag", dict)()
+        return metrics_text(self.worker.counters, lag)
+
+    def route(
+        self, method: str, path: str, query: Mapping[str, list[str]], body: Any
+    ) -> tuple[int, Any]:
+        parts = [urllib.parse.unquote(part) for part in path.strip("/").split("/")]
+        if method == "GET" and len(parts) == 3 and parts[:2] == ["v1", "query"]:
+            params = query_parameters(parts[2], query)
+            try:
+                rows = query_function(parts[2])(self.worker.store, **params)
+            except ValueError as exc:  # a bad parameter value, e.g. --since
+                raise HttpError(400, str(exc)) from None
+            return 200, encode_result(parts[2], rows)
+        if method == "POST" and parts == ["v1", "commands"]:
+            return 202, self.submit(body)
+        if method == "GET" and len(parts) == 3 and parts[:2] == ["v1", "commands"]:
+            with self._states_lock:
+                state = self._states.get(parts[2])
+                if state is None:
+                    raise HttpError(404, f"no command {parts[2]!r} (only the last are kept)")
+                return 200, dict(state)
+        raise HttpError(
+            404, f"no route {method} {path}; try GET /v1/query/<name>, POST /v1/commands, /metrics"
+        )
+
+    def submit(self, body: Any) -> dict[str, Any]:
+        """Validate a command, queue it for the worker's next checkpoint, return its state."""
+        if not isinstance(body, dict) or not isinstance(body.get("command"), str):
+            raise HttpError(400, 'expected {"command": name, "args": {...}}')
+        if set(body) - {"command", "args"}:
+            raise HttpError(400, f"unexpected keys {sorted(set(body) - {'command', 'args'})}")
+        name, args = body["command"], body.get("args", {})
+        spec = COMMANDS.get(name)
+        if spec is None:
+            raise HttpError(400, f"unknown command {name!r}; known: {', '.join(sorted(COMMANDS))}")
+        if not isinstance(args, dict) or set(args) - set(spec.args):
+            raise HttpError(
+                400, f"command {name!r} takes args {{{', '.join(spec.args)}}}, got {args!r}"
+            )
+        if spec.check is not None:
+            try:
+                spec.check(args)
+            except ValueError as exc:
+                raise HttpError(400, f"command {name!r}: {exc}") from None
+        state = {"id": secrets.token_hex(8), "command": name, "state": "pending"}
+        with self._states_lock:
+            self._states[state["id"]] = state
+            while len(self._states) > KEPT_COMMANDS:
+                self._states.popitem(last=False)
+
+        def run(worker: Any) -> None:
+            try:
+                spec.apply(worker, args)
+            except BaseException:
+                state["state"] = "failed"
+                raise
+            state["state"] = "applied"
+
+        answer = dict(state)  # as submitted: the worker may apply it before we reply
+        self.worker.commands.append(run)
+        if spec.checkpoint_soon:
+            self.worker.request_checkpoint()
+        return answer
+
+
+# --- the client side: the CLI finds a running worker through DIR/api.json ---
+
+
+@dataclass(frozen=True, slots=True)
+class ApiInfo:
+    pid: int
+    port: int
+    token: str
+
+
+class ApiError(Exception):
+    """The worker's API answered with an error, or could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def write_api_file(directory: Path, info: ApiInfo) -> None:
+    """Atomically (temp file + rename), readable by the owner only: it holds the token."""
+    tmp = directory / f".{API_FILE}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fh.fileno(), 0o600)
+        fh.write(orjson.dumps({"pid": info.pid, "port": info.port, "token": info.token}))
+    os.replace(tmp, directory / API_FILE)
+
+
+def read_api_file(directory: Path) -> ApiInfo | None:
+    try:
+        raw = orjson.loads((directory / API_FILE).read_bytes())
+        return ApiInfo(int(raw["pid"]), int(raw["port"]), str(raw["token"]))
+    except FileNotFoundError:
+        return None
+    except (OSError, orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ApiError(f"{directory / API_FILE} is unreadable: {exc}") from None
+
+
+class ApiClient:
+    def __init__(self, info: ApiInfo, timeout_s: float = CLIENT_TIMEOUT_S) -> None:
+        self.info = info
+        self.url = f"http://{HOST}:{info.port}"
+        self.timeout_s = timeout_s
+        # no proxies: the worker is on loopback whatever http_proxy says
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def query(self, name: str, **params: Any) -> Any:
+        """Run a named query in the worker; datetimes come back as (UTC) datetimes."""
+        given = {k: str(v) for k, v in params.items() if v is not None}
+        path = f"/v1/query/{urllib.parse.quote(name)}?{urllib.parse.urlencode(given)}"
+        answer = self._request("GET", path)
+        result = answer["result"]
+        for row in result if isinstance(result, list) else ():
+            for key in answer["datetime_fields"]:
+                if isinstance(row.get(key), str):
+                    row[key] = dt.datetime.fromisoformat(row[key])
+        return result
+
+    def command(self, name: str, **args: Any) -> dict[str, Any]:
+        state: dict[str, Any] = self._request(
+            "POST", "/v1/commands", {"command": name, "args": args}
+        )
+        return state
+
+    def command_state(self, command_id: str) -> dict[str, Any]:
+        state: dict[str, Any] = self._request("GET", f"/v1/commands/{command_id}")
+        return state
+
+    def _request(self, method: str, path: str, body: Any = None) -> Any:
+        request = urllib.request.Request(
+            self.url + path,
+            data=None if body is None else orjson.dumps(body),
+            method=method,
+            headers={
+                "Authorization": f"Bearer {self.info.token}",
+                "Content-Type": "application/json",
+            },
+        )
+        try:
+            with self._opener.open(request, timeout=self.timeout_s) as response:
+                return orjson.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                message = orjson.loads(exc.read())["error"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                message = f"HTTP {exc.code} {exc.reason}"
+            raise ApiError(f"worker pid {self.info.pid}: {message}", exc.code) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise ApiError(f"worker pid {self.info.pid} at {self.url}: {reason}") from None
+
+
+def connect_api(directory: Path, owner_pid: int | None) -> ApiClient | None:
+    """A client for the API of the process that owns the store in ``directory``, or None if
+    it published none (no API, still starting, or a stale file left by a killed worker)."""
+    info = read_api_file(directory)
+    if info is None or (owner_pid is not None and info.pid != owner_pid):
+        return None
+    return ApiClient(info)

@@ -1,0 +1,228 @@
+"""Saving and loading detector state and source positions, consistently.
+
+A checkpoint has a sequence number ``seq``. Its state rows (only keys changed since the last
+checkpoint) are written first, then one row per partition to ``checkpoints``: a checkpoint
+exists once its positions are written. On start, the newest ``seq`` in ``checkpoints`` is the
+committed one; state rows written after it by a process that died mid-checkpoint are deleted
+before anything is read, so they can never win a merge. Each key's state is the row with the
+largest ``seq`` not above the committed one.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from detectors.base import Detector, KeySpace, Snapshot, StateRows
+from detectors.reference import Reference
+from streams.pipeline import Pipeline
+from streams.store import Store
+
+MODEL = "model"  # entity type of model-level state rows
+ROUTING = "_routing"
+REFERENCES = "_references"
+
+
+def committed_seq(store: Store) -> int:
+    rows = store.query("SELECT max(seq) FROM checkpoints").result_rows
+    return int(rows[0][0] or 0)
+
+
+def begin(store: Store) -> None:
+    """Once per open store: drop rows of an unfinished checkpoint and start the sequence after
+    every row written so far. Workers sharing one store in a process share the sequence."""
+    if store.next_seq:
+        return
+    seq = committed_seq(store)
+    stale = store.query(
+        "SELECT count() FROM detector_state WHERE seq > {s:UInt64}", {"s": seq}
+    ).result_rows[0][0]
+    if stale:
+        store.command("DELETE FROM detector_state WHERE seq > {s:UInt64}", {"s": seq})
+    newest = store.query("SELECT max(seq) FROM detector_state").result_rows[0][0] or 0
+    store.next_seq = max(seq, int(newest)) + 1
+
+
+def take_seq(store: Store) -> int:
+    seq = store.next_seq
+    store.next_seq += 1
+    return seq
+
+
+def positions(store: Store, source: str) -> dict[int, tuple[int, int]]:
+    """partition -> (next offset, max event time) of the committed checkpoint of ``source``."""
+    rows = store.query(
+        "SELECT partition, argMax(next_offset, seq), argMax(max_ts_ms, seq) FROM checkpoints "
+        "WHERE source = {src:String} GROUP BY partition",
+        {"src": source},
+    ).result_rows
+    return {int(p): (int(o), int(t)) for p, o, t in rows}
+
+
+def _state_table(seq: int, det: str, rows: list[tuple[str, int, str, bytes, int]]) -> pa.Table:
+    return pa.table(
+        {
+            "detector": pa.array([det] * len(rows), pa.string()),
+            "entity_type": pa.array([r[0] for r in rows], pa.string()),
+            "partition": pa.array([r[1] for r in rows], pa.int32()),
+            "key": pa.array([r[2] for r in rows], pa.string()),
+            "data": pa.array([r[3] for r in rows], pa.binary()),
+            "deleted": pa.array([r[4] for r in rows], pa.uint8()),
+            "seq": pa.array([seq] * len(rows), pa.uint64()),
+        }
+    )
+
+
+def _keyed_rows(rows: StateRows) -> list[tuple[str, int, str, bytes, int]]:
+    raw = rows.data.tobytes()
+    width = rows.data.dtype.itemsize
+    parts = rows.partition.tolist()
+    return [
+        (rows.entity_type, parts[i], key, raw[i * width : (i + 1) * width], 0)
+        for i, key in enumerate(rows.keys)
+    ]
+
+
+def save(
+    store: Store,
+    pipeline: Pipeline,
+    source: str,
+    next_offsets: dict[int, int],
+    new_references: list[Reference],
+) -> int:
+    """Write one checkpoint; returns the number of state rows written."""
+    seq = take_seq(store)
+    written = 0
+    evicted = pipeline.evicted
+    pipeline.evicted = {}
+    for det in pipeline.detectors:
+        snap = det.snapshot(pipeline.keyspace)
+        rows: list[tuple[str, int, str, bytes, int]] = []
+        for keyed in snap.keyed:
+            rows.extend(_keyed_rows(keyed))
+        for et, keys in evicted.items():
+            if et in det.entity_types:
+                rows.extend((et, part, k, b"", 1) for k, part in keys)
+        if snap.model is not None:
+            rows.append((MODEL, -1, "", snap.model, 0))
+        if rows:
+            store.insert_arrow("detector_state", _state_table(seq, det.name, rows))
+            written += len(rows)
+    extra: list[tuple[str, int, str, bytes, int]] = []
+    if pipeline.features.changed:
+        extra.append((MODEL, -1, ROUTING, pipeline.features.snapshot(), 0))
+    extra.append((MODEL, -1, REFERENCES, pipeline.references.snapshot(), 0))
+    store.insert_arrow("detector_state", _state_table(seq, "_pipeline", extra))
+    if new_references:
+        store.insert_arrow(
+            "model_references",
+            pa.table(
+                {
+                    "model_id": [r.model_id for r in new_references],
+                    "model_version": [r.model_version for r in new_references],
+                    "n_events": pa.array([r.n_events for r in new_references], pa.uint64()),
+                    "source": ["auto"] * len(new_references),
+                    "data": pa.array([r.to_bytes() for r in new_references], pa.binary()),
+                    "created_at": pa.array(
+                        [int(time.time() * 1000)] * len(new_references), pa.timestamp("ms")
+                    ),
+                    "seq": pa.array([seq] * len(new_references), pa.uint64()),
+                }
+            ),
+        )
+    maxts = pipeline.watermark.max_ts
+    store.insert_arrow(
+        "checkpoints",
+        pa.table(
+            {
+                "source": [source] * len(next_offsets),
+                "partition": pa.array(list(next_offsets), pa.int32()),
+                "next_offset": pa.array(list(next_offsets.values()), pa.int64()),
+                "max_ts_ms": pa.array(
+                    [maxts.get(p, -(2**63)) for p in next_offsets], pa.int64()
+                ),
+                "seq": pa.array([seq] * len(next_offsets), pa.uint64()),
+                "saved_at": pa.array([int(time.time() * 1000)] * len(next_offsets), pa.timestamp("ms")),
+            }
+        ),
+    )
+    return written + len(extra)
+
+
+def load(
+    store: Store, pipeline: Pipeline, partitions: set[int] | None, model_level: bool = True
+) -> int:
+    """Restore keyed state rows of ``partitions`` (all when None) and, with ``model_level``,
+    model-level state (loaded once per worker: later assignments must not roll it back)."""
+    seq = committed_seq(store)
+    if seq == 0:
+        return 0
+    where = "seq <= {s:UInt64}"
+    params: dict[str, Any] = {"s": seq}
+    if partitions is not None:
+        where += " AND partition IN {parts:Array(Int32)}"
+        params["parts"] = sorted(partitions)
+    if model_level:
+        where = f"({where}) OR (seq <= {{s:UInt64}} AND partition = -1)"
+    else:
+        where += " AND partition >= 0"
+    result = store.query(
+        "SELECT detector, entity_type, partition, key, argMax(data, seq), argMax(deleted, seq) "
+        f"FROM detector_state WHERE {where} GROUP BY detector, entity_type, partition, key",
+        params,
+        binary=True,
+    ).result_rows
+    by_det: dict[str, list[tuple[str, int, str, bytes]]] = defaultdict(list)
+    for det, et, part, key, data, deleted in result:
+        if not deleted:
+            by_det[_text(det)].append((_text(et), int(part), _text(key), bytes(data)))
+    pipe_rows = {key: data for _, _, key, data in by_det.pop("_pipeline", [])}
+    if ROUTING in pipe_rows:
+        pipeline.features.restore(pipe_rows[ROUTING])
+    if REFERENCES in pipe_rows:
+        pipeline.references.restore(pipe_rows[REFERENCES])
+    for ref in load_references(store):
+        pipeline.references.add(ref)
+    for det in pipeline.detectors:
+        _restore(det, by_det.get(det.name, []), pipeline.keyspace)
+    return len(result)
+
+
+def _restore(det: Detector, rows: list[tuple[str, int, str, bytes]], keyspace: KeySpace) -> None:
+    model: bytes | None = None
+    keyed: dict[str, list[tuple[int, str, bytes]]] = defaultdict(list)
+    for et, part, key, data in rows:
+        if et == MODEL:
+            model = data
+        else:
+            keyed[et].append((part, key, data))
+    state = []
+    for et, items in keyed.items():
+        width = len(items[0][2])
+        data = np.frombuffer(b"".join(d for _, _, d in items), dtype=f"V{width}")
+        state.append(
+            StateRows(
+                et,
+                tuple(k for _, k, _ in items),
+                np.array([p for p, _, _ in items], np.int32),
+                data,
+            )
+        )
+    if state or model is not None:
+        det.restore(Snapshot(keyed=tuple(state), model=model), keyspace)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def load_references(store: Store) -> list[Reference]:
+    rows = store.query(
+        "SELECT argMax(data, seq) FROM model_references GROUP BY model_id, model_version",
+        binary=True,
+    ).result_rows
+    return [Reference.from_bytes(bytes(r[0])) for r in rows]

@@ -1,0 +1,302 @@
+"""``inferwatch`` command line. Heavy modules are imported inside commands so ``--help`` is fast."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+app = typer.Typer(
+    name="inferwatch",
+    help="Runtime monitor for attacks on, and misbehaviour of, deployed ML models and LLMs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DEFAULT_STORE = "chdb:./inferwatch-data"
+StoreOpt = Annotated[
+    str,
+    typer.Option(
+        "--store",
+        envvar="INFERWATCH_STORE",
+        help="chdb:DIR (embedded ClickHouse) or http(s)://HOST:PORT\\[/DB].",
+    ),
+]
+
+
+class Format(StrEnum):
+    table = "table"
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _open_store(dsn: str) -> Any:
+    from streams.store import Store, StoreError, StoreInUseError, TransientStoreError
+
+    try:
+        return Store(dsn)
+    except StoreInUseError as exc:
+        fail(f"{exc}; stop that worker or use another --store")
+    except (StoreError, TransientStoreError) as exc:
+        fail(str(exc))
+
+
+@app.command()
+def run(
+    source: Annotated[
+        str, typer.Option(help="file:PATH (JSONL, one event per line) or kafka://HOST:PORT/TOPIC.")
+    ],
+    store: StoreOpt = DEFAULT_STORE,
+    from_start: Annotated[
+        bool, typer.Option("--from-start", help="Ignore the saved position and state; replay.")
+    ] = False,
+    batch_size: Annotated[int, typer.Option(min=1, max=1_000_000)] = 10_000,
+    checkpoint_events: Annotated[
+        int, typer.Option(min=1, help="Checkpoint after this many events...")
+    ] = 50_000,
+    checkpoint_s: Annotated[float, typer.Option(min=0.1, help="...or this many seconds.")] = 5.0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Consume inference events, run every registered detector, write to the store."""
+    from detectors.registry import create_all
+    from streams.sources import SourceError, open_source
+    from streams.worker import Worker, WorkerSettings
+
+    try:
+        if source.startswith("kafka://"):
+            from streams.kafka_source import config_from_env, open_kafka
+
+            if from_start:
+                fail("--from-start replays a file; for kafka:// use a new ?group= and --store")
+            src: Any = open_kafka(source, config_from_env(os.environ))
+        else:
+            src = open_source(source)
+    except SourceError as exc:
+        fail(str(exc))
+    try:
+        st = _open_store(store)
+    except BaseException:
+        src.close()
+        raise
+    try:
+        settings = WorkerSettings(
+            batch_max=batch_size, checkpoint_events=checkpoint_events, checkpoint_s=checkpoint_s
+        )
+        worker = Worker(st, src, create_all(), settings, from_start)
+        worker.install_signal_handlers()
+        api = worker.serve_api() if st.dsn.embedded else None
+        try:
+            counters = _run_with_progress(worker, src, quiet)
+        finally:
+            if api is not None:
+                api.stop()
+    finally:
+        try:
+            src.close()  # a Kafka member leaves its group; it commits nothing here
+        finally:
+            st.close()
+    rejected = sum(counters.rejects_total.values())
+    typer.echo(
+        f"events {counters.events_total:,}  rejected {rejected:,}  findings "
+        f"{counters.findings_total:,}  alerts {counters.alerts_total:,}  -> {store}"
+    )
+    if rejected:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(counters.rejects_total.items()))
+        typer.echo(f"rejected by reason: {reasons} (see table dead_letters)")
+
+
+def _run_with_progress(worker: Any, src: Any, quiet: bool) -> Any:
+    total = getattr(src, "size_bytes", None)
+    if quiet or total is None or not sys.stderr.isatty():
+        return worker.run()
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (
+        TextColumn("[bold]inferwatch run"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%  {task.fields[events]:,} events"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task("run", total=total, events=0)
+        return worker.run(
+            lambda w: bar.update(task, completed=src.position, events=w.counters.events_total)
+        )
+
+
+def _emit(rows: list[dict[str, Any]], fmt: Format, columns: list[str]) -> None:
+    import orjson
+
+    if fmt is Format.jsonl:
+        out = sys.stdout.buffer
+        for row in rows:
+            out.write(orjson.dumps(row, default=str, option=orjson.OPT_SORT_KEYS) + b"\n")
+        return
+    if fmt is Format.csv:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(v) for k, v in row.items()})
+        sys.stdout.write(buf.getvalue())
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_lines=False)
+    for col in columns:
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*(_cell(row[c]) for c in columns))
+    Console().print(table)
+    if not rows:
+        typer.echo("(none)")
+
+
+def _cell(value: Any) -> str:
+    import orjson
+
+    if isinstance(value, dict | list):
+        return orjson.dumps(value, default=str).decode()
+    return "" if value is None else str(value)
+
+
+def _query(store: str, name: str, **params: Any) -> list[dict[str, Any]]:
+    """A named query: through the running worker's API if one owns the store, else directly.
+    Datetimes come back UTC-aware either way, so both paths print the same RFC 3339 text."""
+    import datetime as dt
+
+    from streams import queries
+    from streams.api import ApiError
+
+    client = _worker_api(store)
+    if client is not None:
+        try:
+            result: list[dict[str, Any]] = client.query(name, **params)
+        except ApiError as exc:
+            fail(str(exc))
+    else:
+        st = _open_store(store)
+        try:
+            result = queries.QUERIES[name](st, **params)  # type: ignore[operator]
+        except ValueError as exc:
+            fail(str(exc))
+        finally:
+            st.close()
+    for row in result:
+        for key, value in row.items():
+            if isinstance(value, dt.datetime) and value.tzinfo is None:
+                row[key] = value.replace(tzinfo=dt.UTC)  # the store's columns are UTC
+    return result
+
+
+def _worker_api(store: str) -> Any:
+    """The API client of the live process that owns an embedded store, or None if no process
+    does (then the caller opens the store itself)."""
+    from streams.api import ApiError, connect_api
+    from streams.store import StoreError, StoreLock, parse_dsn
+
+    try:
+        dsn = parse_dsn(store)
+    except StoreError as exc:
+        fail(str(exc))
+    if dsn.path is None or not StoreLock(dsn.path).held_elsewhere():
+        return None
+    pid = StoreLock(dsn.path).owner()
+    unreachable = f"store {dsn.path} is in use by pid {pid} and its API is not reachable"
+    try:
+        client = connect_api(dsn.path, pid)
+    except ApiError as exc:
+        fail(f"{unreachable}: {exc}")
+    if client is None:
+        fail(f"{unreachable} (no {dsn.path / 'api.json'}: a worker without the API, or starting)")
+    return client
+
+
+@app.command()
+def alerts(
+    store: StoreOpt = DEFAULT_STORE,
+    since: Annotated[str | None, typer.Option(help="30m, 2h, 7d or an RFC 3339 time.")] = None,
+    detector: Annotated[str | None, typer.Option(help="e.g. abuse.rate_spike")] = None,
+    status: Annotated[str | None, typer.Option(help="firing, resolved or silenced")] = None,
+    fmt: Annotated[Format, typer.Option("--format")] = Format.table,
+    limit: Annotated[int, typer.Option(min=1)] = 1000,
+) -> None:
+    """Alerts (alert v1), newest first."""
+    rows = _query(store, "alerts", since=since, detector=detector, status=status, limit=limit)
+    cols = ["ts", "severity", "status", "detector", "model_id", "entity_type", "entity"]
+    _emit(rows, fmt, [*cols, "event_count", "title"])
+
+
+@app.command()
+def findings(
+    store: StoreOpt = DEFAULT_STORE,
+    since: Annotated[str | None, typer.Option(help="30m, 2h, 7d or an RFC 3339 time.")] = None,
+    detector: Annotated[str | None, typer.Option(help="e.g. abuse.rate_spike")] = None,
+    fmt: Annotated[Format, typer.Option("--format")] = Format.table,
+    limit: Annotated[int, typer.Option(min=1)] = 1000,
+) -> None:
+    """Findings (finding v1): one detector's verdict on one event, newest first."""
+    rows = _query(store, "findings", since=since, detector=detector, limit=limit)
+    cols = ["ts", "detector", "label", "score", "model_id", "api_key_id", "event_id"]
+    _emit(rows, fmt, cols)
+
+
+@app.command()
+def migrate(store: StoreOpt = DEFAULT_STORE) -> None:
+    """Create or upgrade the store's tables (also done at every start)."""
+    st = _open_store(store)
+    try:
+        applied = st.applied
+    finally:
+        st.close()
+    typer.echo(f"applied: {', '.join(applied)}" if applied else "store is up to date")
+
+
+@app.command()
+def simulate(
+    out: Annotated[Path, typer.Option(help="JSONL file to write.")],
+    scenario: Annotated[str, typer.Option(help="default, bench or quiet.")] = "default",
+    events: Annotated[int, typer.Option(min=1)] = 100_000,
+    seed: Annotated[int, typer.Option()] = 7,
+) -> None:
+    """Write simulated traffic and a truth file (OUT with .truth.json)."""
+    from streams import simulate as sim
+
+    if scenario not in sim.SCENARIOS:
+        fail(f"unknown scenario {scenario!r}; known: {', '.join(sorted(sim.SCENARIOS))}")
+    truth = sim.write(scenario, events, seed, out)
+    typer.echo(
+        f"wrote {events:,} events to {out} ({len(truth.incidents)} incidents, "
+        f"{len(truth.benign_callers)} benign callers); truth in {out.with_suffix('.truth.json')}"
+    )
+
+
+@app.command()
+def detectors() -> None:
+    """List the registered detectors."""
+    from detectors.registry import create, names
+
+    for name in names():
+        det = create(name)
+        typer.echo(f"{name:24} v{det.version}  {', '.join(det.atlas) or '-'}  {det!r}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,550 @@
+"""Kafka source: one member of a consumer group whose positions follow the worker's checkpoints.
+
+Offsets are never committed automatically: the worker commits at its checkpoints, after the
+sinks flushed and its state was saved (DESIGN.md section 6). Partitions move with the
+cooperative-sticky assignor. On assignment the worker loads the partitions' state and returns
+the store's positions, which win over the broker's committed offsets (the state matches the
+store); a partition with neither starts at ``start_from``. On revocation the worker checkpoints
+(and so commits) before the partitions go.
+
+``auto.offset.reset`` is ``error``: when a position has fallen below the log start because
+retention deleted unread events, the source records the gap (partition, from, to) in ``gaps``
+for the worker to report, and continues at the log start. It never skips silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
+
+from detectors.base import AlertChange
+from schemas.batch import Reject
+from streams import records
+from streams.sources import Polled, Rebalance, SourceError
+
+log = logging.getLogger(__name__)
+
+SCHEME = "kafka://"
+RETENTION_GAP_DETECTOR = "pipeline.retention_gap"
+START_FROM = {"earliest": OFFSET_BEGINNING, "latest": OFFSET_END}
+SPEC_PARAMS = ("group", "start_from")
+ENV_PREFIX = "INFERWATCH_KAFKA_"
+# Set by the source: what exactly-once-after-checkpoint needs. A config that tries to change
+# them is refused rather than silently overridden.
+FIXED_CONSUMER = {
+    "enable.auto.commit": "false",
+    "enable.auto.offset.store": "false",
+    "auto.offset.reset": "error",
+    "partition.assignment.strategy": "cooperative-sticky",
+}
+DEFAULT_CONSUMER = {"session.timeout.ms": "45000", "heartbeat.interval.ms": "3000"}
+# A commit refused because the group is rebalancing (or this member was just fenced, in which
+# case the partitions are revoked or lost next and the retry skips them).
+REBALANCING_COMMIT_ERRORS = (
+    KafkaError.REBALANCE_IN_PROGRESS,
+    KafkaError.ILLEGAL_GENERATION,
+    KafkaError.UNKNOWN_MEMBER_ID,
+)
+_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+_HOST_PORT = re.compile(r"^[A-Za-z0-9.\-]+:(\d{1,5})$|^\[[0-9A-Fa-f:.]+\]:(\d{1,5})$")
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionGap:
+    """Offsets ``from_offset`` up to (not including) ``to_offset`` were deleted unread."""
+
+    topic: str
+    partition: int
+    from_offset: int
+    to_offset: int
+
+    @property
+    def lost_events(self) -> int:
+        return self.to_offset - self.from_offset
+
+    @property
+    def where(self) -> str:
+        return f"{self.topic}/{self.partition}"
+
+    def dead_letters(self, source: str, now_ms: int) -> pa.Table:
+        """The ``dead_letters`` row: reason ``retention_gap``, offsets [source_offset, gap_to)."""
+        detail = (
+            f"{self.where}: offsets {self.from_offset}..{self.to_offset - 1} were deleted by "
+            "retention before they were read"
+        )
+        return pa.table(
+            {
+                "source": pa.array([source], pa.string()),
+                "source_partition": pa.array([self.partition], pa.int32()),
+                "source_offset": pa.array([self.from_offset], pa.int64()),
+                "reason": pa.array(["retention_gap"], pa.string()),
+                "detail": pa.array([detail], pa.string()),
+                "raw": pa.array([b""], pa.binary()),
+                "raw_bytes": pa.array([0], pa.uint64()),
+                "gap_to": pa.array([self.to_offset], pa.int64()),
+                "received_at": pa.array([now_ms], records.TS),
+            }
+        )
+
+    def alert_record(self, ts_ms: int, now_ms: int) -> dict[str, Any]:
+        """A high-severity global alert. Its episode starts at the gap's first offset, so a
+        replay that finds the same gap gives the same alert id."""
+        lost = self.lost_events
+        change = AlertChange(
+            entity_type="global",
+            entity=self.where,
+            model_id="",
+            tenant="",
+            status="firing",
+            ts_ms=ts_ms,
+            episode_start_ms=self.from_offset,
+            first_seen_ms=ts_ms,
+            last_seen_ms=ts_ms,
+            score=float(lost),
+            threshold=0.0,
+            severity="high",
+            title=f"{lost:,} events on {self.where} were deleted before they were read",
+            summary=(
+                f"The worker fell behind retention on {self.where}: offsets {self.from_offset}.."
+                f"{self.to_offset - 1} are gone unread, so detection has a blind spot there."
+            ),
+            evidence={
+                "partition": self.partition,
+                "from_offset": self.from_offset,
+                "to_offset": self.to_offset,
+                "lost_events": lost,
+            },
+            event_count=lost,
+            sample_event_ids=(),
+        )
+        return records.alert_record(change, RETENTION_GAP_DETECTOR, "1", (), (), now_ms)
+
+
+class KafkaSource:
+    """Consumer-group source for the worker; ``set_rebalance`` wires in its hooks."""
+
+    rebalances = True
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        group_id: str = "inferwatch",
+        start_from: str = "earliest",
+        config: Mapping[str, str] | None = None,
+        dlq_topic: str | None = None,
+        timeout_s: float = 10.0,
+        commit_retry_s: float = 120.0,
+    ) -> None:
+        if start_from not in START_FROM:
+            raise SourceError(f"start_from {start_from!r}: expected earliest or latest")
+        config = dict(config or {})
+        clash = sorted(k for k in FIXED_CONSUMER if k in config and config[k] != FIXED_CONSUMER[k])
+        if clash:
+            raise SourceError(
+                f"kafka config sets {', '.join(clash)}; inferwatch fixes these "
+                f"({', '.join(f'{k}={FIXED_CONSUMER[k]}' for k in clash)}) so that offsets are "
+                "committed only after a checkpoint"
+            )
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.group_id = group_id
+        self.start_from = start_from
+        self.dlq_topic = dlq_topic or f"{topic}.dlq"
+        self.timeout_s = timeout_s
+        self.commit_retry_s = commit_retry_s
+        self.name = f"kafka://{bootstrap}/{topic}"
+        self.gaps: list[RetentionGap] = []  # drained by the worker
+        self._config = config  # security settings etc., shared with the DLQ producer
+        self._rebalance = Rebalance()
+        self._assigned: set[int] = set()
+        self._position: dict[int, int] = {}  # next offset to read, where known
+        self._commit_enabled = True
+        self._pending_commit: dict[int, int] = {}
+        self._commit_failing_since: float | None = None
+        self._closing = False
+        self._fatal: KafkaError | None = None
+        self._producer: Any = None
+        self._dlq_failed: list[str] = []
+        consumer_conf = {
+            **DEFAULT_CONSUMER,
+            **config,
+            **FIXED_CONSUMER,
+            "bootstrap.servers": bootstrap,
+            "group.id": group_id,
+            "error_cb": self._on_error,
+        }
+        try:
+            self._consumer = Consumer(consumer_conf)
+            self._consumer.subscribe(
+                [topic], on_assign=self._assign_cb, on_revoke=self._revoke_cb, on_lost=self._lost_cb
+            )
+        except KafkaException as exc:
+            raise SourceError(f"{self.name}: cannot create the consumer: {exc}") from exc
+
+    # ------------------------------------------------------------------ Source protocol
+
+    def set_rebalance(
+        self,
+        on_revoke: Callable[[set[int]], None],
+        on_assign: Callable[[set[int]], dict[int, int]],
+    ) -> None:
+        self._rebalance = Rebalance(on_revoke=on_revoke, on_assign=on_assign)
+
+    def assigned(self) -> set[int]:
+        return set(self._assigned)
+
+    @property
+    def exhausted(self) -> bool:
+        return False  # a topic never ends
+
+    def poll(self, max_messages: int, timeout_s: float) -> Polled:
+        msgs = self._consumer.consume(max(1, max_messages), timeout_s)
+        if self._fatal is not None:
+            raise SourceError(f"{self.name}: fatal consumer error: {self._fatal.str()}")
+        if self._pending_commit:
+            self._commit_pending()
+        values: list[bytes] = []
+        parts: list[int] = []
+        offsets: list[int] = []
+        next_offsets: dict[int, int] = {}
+        assigned = self._assigned
+        for msg in msgs:
+            err = msg.error()
+            if err is not None:
+                self._partition_error(msg, err, next_offsets)
+                continue
+            p = msg.partition()
+            if p not in assigned:  # fetched before a revocation; the new owner reads it
+                continue
+            off: int = msg.offset()  # type: ignore[assignment]  # None only on errors
+            values.append(msg.value() or b"")
+            parts.append(p)
+            offsets.append(off)
+            next_offsets[p] = off + 1
+        self._position.update(next_offsets)
+        return Polled(
+            values, np.asarray(parts, np.int32), np.asarray(offsets, np.int64), next_offsets
+        )
+
+    def lag(self) -> dict[int, int]:
+        """Messages behind the end of each assigned partition, from the watermarks of the last
+        fetch (no broker round trip: the metrics endpoint calls this from its own thread)."""
+        out: dict[int, int] = {}
+        for p, pos in dict(self._position).items():
+            _, high = self._consumer.get_watermark_offsets(
+                TopicPartition(self.topic, p), cached=True
+            )
+            if high is not None and high >= 0:
+                out[p] = max(0, high - pos)
+        return out
+
+    def seek(self, positions: dict[int, int]) -> None:
+        """Move assigned partitions; others get their position from the worker on assignment."""
+        for p, off in positions.items():
+            if p in self._assigned:
+                self._reposition(p, off)
+
+    def commit(self, positions: dict[int, int]) -> None:
+        """Synchronously commit exactly ``positions`` of the partitions this member owns.
+
+        The broker refuses commits while the group rebalances. The store already holds these
+        positions (they win on assignment), so such a commit is retried at the next poll, once
+        the group is stable, unless a newer one replaces it; failing for ``commit_retry_s``
+        raises."""
+        self._pending_commit = {p: off for p, off in positions.items() if off >= 0}
+        self._commit_pending()
+
+    def _commit_pending(self) -> None:
+        offsets = [
+            TopicPartition(self.topic, p, off)
+            for p, off in sorted(self._pending_commit.items())
+            if p in self._assigned
+        ]
+        if not offsets or not self._commit_enabled:
+            self._pending_commit = {}
+            return
+        try:
+            result = self._consumer.commit(offsets=offsets, asynchronous=False)
+            errors = [tp.error for tp in result or [] if tp.error is not None]
+        except KafkaException as exc:
+            errors = [exc.args[0]]
+        if not errors:
+            self._pending_commit = {}
+            self._commit_failing_since = None
+            return
+        err = errors[0]
+        deferrable = isinstance(err, KafkaError) and (
+            err.code() in REBALANCING_COMMIT_ERRORS or err.retriable()
+        )
+        now = time.monotonic()
+        since = self._commit_failing_since = self._commit_failing_since or now
+        if not deferrable or now - since > self.commit_retry_s:
+            raise SourceError(f"{self.name}: commit failed: {err}")
+        log.info("%s: commit deferred to the next poll: %s", self.name, err)
+
+    def send_dlq(
+        self,
+        rejects: Sequence[Reject],
+        partition: npt.NDArray[np.int32],
+        offset: npt.NDArray[np.int64],
+    ) -> None:
+        """Produce the raw bytes of ``rejects`` to the DLQ topic and wait for the broker."""
+        if not rejects:
+            return
+        producer = self._dlq_producer()
+        for r in rejects:
+            headers = [
+                ("reason", r.reason.encode()),
+                ("detail", r.detail.encode()),
+                ("source_partition", str(int(partition[r.index])).encode()),
+                ("source_offset", str(int(offset[r.index])).encode()),
+            ]
+            while True:
+                try:
+                    producer.produce(
+                        self.dlq_topic, value=r.raw, headers=headers, on_delivery=self._delivered
+                    )
+                    break
+                except BufferError:  # local queue full: let deliveries drain
+                    producer.poll(0.1)
+        remaining = producer.flush(self.timeout_s)
+        if remaining or self._dlq_failed:
+            failed, self._dlq_failed = self._dlq_failed, []
+            raise SourceError(
+                f"{self.name}: {remaining} DLQ messages undelivered after {self.timeout_s}s; "
+                f"errors: {failed[:3]}"
+            )
+
+    def close(self) -> None:
+        """Leave the group. The worker checkpointed already; a revocation now commits nothing
+        (after a crash, committing would skip the batch that failed)."""
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            if self._producer is not None:
+                self._producer.flush(self.timeout_s)
+        finally:
+            self._consumer.close()
+
+    # ------------------------------------------------------------------ rebalance callbacks
+
+    def _assign_cb(self, consumer: Any, tps: list[Any]) -> None:
+        parts = {tp.partition for tp in tps if tp.topic == self.topic}
+        # cooperative rebalances call this with nothing new too
+        stored = self._rebalance.on_assign(parts) if parts and not self._closing else {}
+        start = {p: off for p, off in stored.items() if p in parts}
+        missing = sorted(parts - start.keys())
+        if missing:
+            asked = [TopicPartition(self.topic, p) for p in missing]
+            for tp in consumer.committed(asked, timeout=self.timeout_s):
+                if tp.error is not None:
+                    raise SourceError(f"{self.name}: committed offsets: {tp.error}")
+                if tp.offset >= 0:
+                    start[tp.partition] = tp.offset
+        default = START_FROM[self.start_from]
+        self._assigned |= parts
+        self._position.update(start)
+        consumer.incremental_assign(
+            [TopicPartition(self.topic, p, start.get(p, default)) for p in sorted(parts)]
+        )
+
+    def _revoke_cb(self, consumer: Any, tps: list[Any]) -> None:
+        parts = {tp.partition for tp in tps if tp.topic == self.topic}
+        if parts and not self._closing:
+            self._rebalance.on_revoke(parts)  # checkpoints and commits while still the owner
+        self._forget(parts)
+        consumer.incremental_unassign(tps)
+
+    def _lost_cb(self, consumer: Any, tps: list[Any]) -> None:
+        """The group moved on without us (session timeout): save and drop, but commit nothing,
+        since another member may own the partitions already."""
+        parts = {tp.partition for tp in tps if tp.topic == self.topic}
+        self._commit_enabled = False
+        try:
+            if parts and not self._closing:
+                self._rebalance.on_revoke(parts)
+        finally:
+            self._commit_enabled = True
+        self._forget(parts)
+        consumer.incremental_unassign(tps)
+
+    # ------------------------------------------------------------------ internals
+
+    def _forget(self, parts: set[int]) -> None:
+        self._assigned -= parts
+        for p in parts:
+            self._position.pop(p, None)
+
+    def _partition_error(self, msg: Any, err: KafkaError, next_offsets: dict[int, int]) -> None:
+        code = err.code()
+        if code == KafkaError._PARTITION_EOF:
+            return
+        p = msg.partition()
+        if code in (KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE) and (
+            p in self._assigned
+        ):
+            self._out_of_range(p, msg.offset(), err, next_offsets)
+            return
+        if code in (KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC):
+            raise SourceError(
+                f"{self.name}: topic {self.topic!r} does not exist on {self.bootstrap}; create it "
+                f"or fix the topic in the source ({err.str()})"
+            )
+        raise SourceError(f"{self.name}: partition {p}: {err.str()}")
+
+    def _out_of_range(
+        self, p: int, failed_at: int, err: KafkaError, next_offsets: dict[int, int]
+    ) -> None:
+        position = failed_at if failed_at >= 0 else self._position.get(p)
+        if position is None:
+            raise SourceError(f"{self.name}: partition {p} has no position: {err.str()}")
+        low, high = self._consumer.get_watermark_offsets(
+            TopicPartition(self.topic, p), timeout=self.timeout_s, cached=False
+        )
+        if position > high:
+            raise SourceError(
+                f"{self.name}: partition {p}: position {position} is past the end of the log "
+                f"({high}); was the topic recreated? Reset group {self.group_id!r} or use a new "
+                "store"
+            )
+        if position < low:
+            self.gaps.append(RetentionGap(self.topic, p, position, low))
+            position = low
+        self._reposition(p, position)
+        next_offsets[p] = position
+        self._position[p] = position
+
+    def _reposition(self, p: int, offset: int) -> None:
+        # seek() is refused on a partition whose fetcher stopped on an error; re-assigning
+        # the partition at the offset works in every state.
+        tp = TopicPartition(self.topic, p)
+        self._consumer.incremental_unassign([tp])
+        self._consumer.incremental_assign([TopicPartition(self.topic, p, offset)])
+
+    def _dlq_producer(self) -> Any:
+        if self._producer is None:
+            conf = {k: v for k, v in self._config.items() if k not in DEFAULT_CONSUMER}
+            try:
+                self._producer = Producer({**conf, "bootstrap.servers": self.bootstrap})
+            except KafkaException as exc:
+                raise SourceError(f"{self.name}: cannot create the DLQ producer: {exc}") from exc
+        return self._producer
+
+    def _delivered(self, err: KafkaError | None, msg: Any) -> None:
+        if err is not None:
+            self._dlq_failed.append(err.str())
+
+    def _on_error(self, err: KafkaError) -> None:
+        # librdkafka retries transport errors itself; only fatal ones end the consumer.
+        if err.fatal():
+            self._fatal = err
+        else:
+            log.warning("%s: %s", self.name, err.str())
+
+
+def open_kafka(spec: str, config: Mapping[str, str] | None = None) -> KafkaSource:
+    """``kafka://HOST:PORT[,HOST:PORT]/TOPIC[?group=G&start_from=earliest|latest]``.
+
+    >>> open_kafka("kafka://broker:9092")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    streams.sources.SourceError: source 'kafka://broker:9092': no topic; expected kafka://HOST...
+    """
+    bootstrap, topic, params = parse_spec(spec)
+    return KafkaSource(
+        bootstrap,
+        topic,
+        group_id=params.get("group", "inferwatch"),
+        start_from=params.get("start_from", "earliest"),
+        config=config,
+    )
+
+
+def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
+    """(bootstrap, topic, parameters) of a ``kafka://`` spec; a SourceError says what is wrong.
+
+    >>> parse_spec("kafka://a:9092,b:9093/inferwatch.events.v1?group=g1")
+    ('a:9092,b:9093', 'inferwatch.events.v1', {'group': 'g1'})
+    """
+    expected = "expected kafka://HOST:PORT[,HOST:PORT]/TOPIC[?group=G&start_from=earliest|latest]"
+
+    def bad(why: str) -> SourceError:
+        return SourceError(f"source {spec!r}: {why}; {expected}")
+
+    if not spec.startswith(SCHEME):
+        raise bad("not a kafka:// source")
+    parts = urlsplit(spec)
+    if parts.fragment:
+        raise bad(f"unexpected fragment #{parts.fragment}")
+    hosts = parts.netloc.split(",") if parts.netloc else []
+    if not hosts:
+        raise bad("no broker address")
+    for host in hosts:
+        m = _HOST_PORT.match(host)
+        if m is None or not 0 < int(m.group(1) or m.group(2)) < 65536:
+            raise bad(f"broker address {host!r} is not HOST:PORT")
+    topic = parts.path.lstrip("/")
+    if not topic:
+        raise bad("no topic")
+    if not _TOPIC.match(topic) or topic in (".", ".."):
+        raise bad(f"topic {topic!r} is not a valid Kafka topic name (letters, digits, . _ -)")
+    params: dict[str, str] = {}
+    try:
+        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise bad(f"cannot parse parameters {parts.query!r}") from None
+    for key, value in pairs:
+        if key not in SPEC_PARAMS:
+            raise bad(f"unknown parameter {key!r} (known: {', '.join(SPEC_PARAMS)})")
+        if key in params:
+            raise bad(f"parameter {key!r} given twice")
+        if not value:
+            raise bad(f"parameter {key!r} is empty")
+        params[key] = value
+    if params.get("start_from", "earliest") not in START_FROM:
+        raise bad(f"start_from={params['start_from']!r} is not earliest or latest")
+    return ",".join(hosts), topic, params
+
+
+def config_from_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """librdkafka settings from ``INFERWATCH_KAFKA_*``: ``INFERWATCH_KAFKA_SASL_MECHANISM=PLAIN``
+    sets ``sasl.mechanism``; a ``_FILE`` suffix reads the value from a file (secrets).
+
+    >>> config_from_env({"INFERWATCH_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "HOME": "/root"})
+    {'security.protocol': 'SASL_SSL'}
+    """
+    out: dict[str, str] = {}
+    for name, value in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or len(name) == len(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key.endswith("_file"):
+            path = value
+            key = key[: -len("_file")]
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    value = fh.read().strip()
+            except OSError as exc:
+                raise SourceError(f"{name}={path}: cannot read: {exc.strerror}") from None
+        out[key.replace("_", ".")] = value
+    return out

@@ -1,0 +1,118 @@
+"""The read-only, parameterised queries the CLI (and the worker's local API) run on the store.
+
+Every query reads deduplicated rows (``FINAL``), so a replay or a retried flush never shows a
+row twice. Queries are named: the local API accepts a name and parameters, never SQL text.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import orjson
+
+from streams.store import Store
+
+ALERT_COLUMNS = (
+    "alert_id, schema_version, ts, emitted_at, detector, detector_version, severity, status, "
+    "resolved_at, model_id, tenant, entity_type, entity, linked_entities, score, threshold, "
+    "title, summary, atlas, owasp, evidence, first_seen, last_seen, event_count, "
+    "sample_event_ids, incident_id, runbook"
+)
+FINDING_COLUMNS = (
+    "finding_id, event_id, ts, model_id, api_key_id, client_ip, session_id, detector, "
+    "detector_version, label, score, atlas, owasp, evidence"
+)
+JSON_TEXT_FIELDS = ("linked_entities", "evidence")
+
+
+def parse_since(text: str | None, now: dt.datetime | None = None) -> dt.datetime | None:
+    """``30m``, ``2h``, ``7d``, or an RFC 3339 time; None means no bound.
+
+    >>> parse_since("2h", dt.datetime(2026, 1, 1, 12, tzinfo=dt.UTC)).isoformat()
+    '2026-01-01T10:00:00+00:00'
+    >>> parse_since("yesterday")
+    Traceback (most recent call last):
+    ...
+    ValueError: --since 'yesterday': expected a duration like 30m, 2h, 7d or an RFC 3339 time
+    """
+    if not text:
+        return None
+    now = now or dt.datetime.now(dt.UTC)
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].isdigit():
+        return now - dt.timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"--since {text!r}: expected a duration like 30m, 2h, 7d or an RFC 3339 time"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def _rows(store: Store, sql: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    result = store.query(sql, params)
+    names = result.column_names
+    out = []
+    for row in result.result_rows:
+        rec = dict(zip(names, row, strict=True))
+        for key in JSON_TEXT_FIELDS:
+            if isinstance(rec.get(key), str) and rec[key]:
+                rec[key] = orjson.loads(rec[key])
+        out.append(rec)
+    return out
+
+
+def alerts(
+    store: Store,
+    since: str | None = None,
+    detector: str | None = None,
+    status: str | None = None,
+    limit: int = 1000,
+) -> list[dict[str, Any]]:
+    """Alerts newest first (by event time of the crossing)."""
+    where, params = _filters(since, detector)
+    if status:
+        where.append("status = {status:String}")
+        params["status"] = status
+    sql = (
+        f"SELECT {ALERT_COLUMNS} FROM alerts FINAL WHERE {' AND '.join(where) or '1'} "
+        "ORDER BY ts DESC, alert_id LIMIT {limit:UInt32}"
+    )
+    return _rows(store, sql, {**params, "limit": limit})
+
+
+def findings(
+    store: Store, since: str | None = None, detector: str | None = None, limit: int = 1000
+) -> list[dict[str, Any]]:
+    where, params = _filters(since, detector)
+    sql = (
+        f"SELECT {FINDING_COLUMNS} FROM findings FINAL WHERE {' AND '.join(where) or '1'} "
+        "ORDER BY ts DESC, finding_id LIMIT {limit:UInt32}"
+    )
+    return _rows(store, sql, {**params, "limit": limit})
+
+
+def _filters(since: str | None, detector: str | None) -> tuple[list[str], dict[str, Any]]:
+    where: list[str] = []
+    params: dict[str, Any] = {}
+    bound = parse_since(since)
+    if bound is not None:
+        where.append("ts >= {since:DateTime64(3, 'UTC')}")
+        params["since"] = bound
+    if detector:
+        where.append("detector = {detector:String}")
+        params["detector"] = detector
+    return where, params
+
+
+def counts(store: Store) -> dict[str, int]:
+    """Deduplicated row counts of the main tables (the demo's and the tests' summary)."""
+    out = {}
+    for table in ("events", "findings", "alerts", "window_metrics", "dead_letters"):
+        out[table] = int(store.query(f"SELECT count() FROM {table} FINAL").result_rows[0][0])
+    return out
+
+
+QUERIES = {"alerts": alerts, "findings": findings, "counts": counts}

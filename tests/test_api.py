@@ -1,0 +1,255 @@
+"""The worker's local API: token, named queries, commands applied at a checkpoint, metrics, and
+the CLI going through a running worker's API instead of opening its store."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from api_worker_process import SETTINGS, IdleSource
+
+from streams import records
+from streams.api import API_FILE, ApiClient, ApiError, ApiInfo, read_api_file
+from streams.store import Store, StoreLock
+from streams.worker import Worker
+
+REPO = Path(__file__).resolve().parent.parent
+T0_MS = 1_767_226_860_123  # 2026-01-01T00:21:00.123Z
+SAMPLE = re.compile(r'^[a-zA-Z_:][a-zA-Z0-9_:]*(\{([a-z_]+="[^"]*",?)*\})? -?[0-9.e+-]+$')
+
+
+def alert(alert_id: str, detector: str, ts_ms: int) -> dict[str, Any]:
+    return {
+        "alert_id": alert_id, "schema_version": 1, "ts": ts_ms, "emitted_at": ts_ms + 1_000,
+        "detector": detector, "detector_version": "1", "severity": "high", "status": "firing",
+        "resolved_at": None, "model_id": "fraud-scorer", "tenant": "fraud-ops",
+        "entity_type": "api_key", "entity": f"key_{alert_id}",
+        "linked_entities": [{"type": "api_key", "id": f"key_{alert_id}"}], "score": 9.5,
+        "threshold": 3.0, "title": f"alert {alert_id}", "summary": "test", "atlas": ["AML.T0040"],
+        "owasp": ["LLM10"], "evidence": {"count": 50}, "first_seen": ts_ms - 60_000,
+        "last_seen": ts_ms, "event_count": 14, "sample_event_ids": ["e1", "e2"],
+        "incident_id": "", "runbook": "https://inferwatch.invalid/runbooks/" + detector,
+    }  # fmt: skip
+
+
+def seed(store: Store) -> None:
+    store.insert_arrow(
+        "alerts",
+        records.alerts_table(
+            [alert("a1", "abuse.rate_spike", T0_MS), alert("a2", "drift.psi", T0_MS + 60_000)]
+        ),
+    )
+
+
+class Served:
+    """A real Worker (idle source, no detectors) running in a thread, with its API."""
+
+    def __init__(self, directory: Path) -> None:
+        self.store = Store(f"chdb:{directory}")
+        seed(self.store)
+        self.worker = Worker(self.store, IdleSource({0: 7, 1: 0}), [], SETTINGS)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self.api = self.worker.serve_api()
+        self.client = ApiClient(ApiInfo(os.getpid(), self.api.port, self.api.token))
+
+    def _run(self) -> None:
+        try:
+            self.worker.run()
+        except BaseException as exc:
+            self.error = exc
+
+    def close(self) -> None:
+        self.api.stop()
+        self.worker.stop_requested.set()
+        self.thread.join(timeout=30)
+        self.store.close()
+        assert self.error is None, self.error
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Served]:
+    # per test: chdb opens one store path per process at a time, and other tests open theirs
+    s = Served(tmp_path / "store")
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def http(url: str, token: str | None = None, body: Any = None) -> tuple[int, bytes]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    data = None if body is None else orjson.dumps(body)
+    request = urllib.request.Request(url, data, headers, method="POST" if data else "GET")
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "streams.cli", *args],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=60,
+    )  # fmt: skip
+
+
+def test_api_query_returns_rows_with_rfc3339_times(served: Served) -> None:
+    status, body = http(f"{served.api.url}/v1/query/alerts?limit=5", served.api.token)
+    assert status == 200
+    answer = orjson.loads(body)
+    assert [r["alert_id"] for r in answer["result"]] == ["a2", "a1"]
+    assert answer["result"][1]["ts"] == "2026-01-01T00:21:00.123000+00:00"
+    assert {"ts", "first_seen", "last_seen", "emitted_at"} <= set(answer["datetime_fields"])
+    rows = served.client.query("alerts", detector="drift.psi", since=None)
+    assert [r["alert_id"] for r in rows] == ["a2"]
+    assert rows[0]["evidence"] == {"count": 50} and rows[0]["ts"].tzinfo is not None
+    assert served.client.query("counts")["alerts"] == 2
+
+
+def test_api_refuses_requests_without_the_right_token(served: Served) -> None:
+    url = f"{served.api.url}/v1/query/alerts"
+    assert http(url)[0] == 401
+    assert http(url, "not-the-token")[0] == 401
+    assert http(f"{served.api.url}/v1/commands", None, {"command": "checkpoint_now"})[0] == 401
+    with pytest.raises(ApiError, match="wrong token"):
+        ApiClient(ApiInfo(os.getpid(), served.api.port, "nope")).query("alerts")
+
+
+def test_api_rejects_unknown_queries_and_parameters_naming_what_exists(served: Served) -> None:
+    token = served.api.token
+    status, body = http(f"{served.api.url}/v1/query/DROP%20TABLE%20alerts", token)
+    assert status == 400
+    assert orjson.loads(body)["error"].startswith(
+        "unknown query 'DROP TABLE alerts'; known: alerts, counts, findings"
+    )
+    status, body = http(f"{served.api.url}/v1/query/alerts?sql=1", token)
+    assert status == 400
+    assert "accepted: since, detector, status, limit" in orjson.loads(body)["error"]
+    assert http(f"{served.api.url}/v1/query/alerts?limit=-1", token)[0] == 400
+    assert http(f"{served.api.url}/v1/query/alerts?limit=1&limit=2", token)[0] == 400
+    with pytest.raises(ApiError, match="--since 'yesterday'") as exc:
+        served.client.query("alerts", since="yesterday")
+    assert exc.value.status == 400
+
+
+def test_api_metrics_are_prometheus_text_without_a_token(served: Served) -> None:
+    served.worker.counters.rejects_total["bad_json"] = 3
+    status, body = http(f"{served.api.url}/metrics")
+    assert status == 200
+    lines = body.decode().splitlines()
+    samples = [ln for ln in lines if not ln.startswith("#")]
+    assert samples and all(SAMPLE.match(ln) for ln in samples), samples
+    families = {ln.split()[2] for ln in lines if ln.startswith("# TYPE")}
+    assert families == {
+        f"inferwatch_{name}"
+        for name in (
+            "events_total", "rejects_total", "findings_total", "alerts_total",
+            "late_events_total", "lost_events_total", "checkpoints_total", "checkpoint_seconds",
+            "batch_seconds", "consumer_lag_messages", "stage_seconds_total",
+        )
+    }  # fmt: skip
+    assert {ln.split()[2] for ln in lines if ln.startswith("# HELP")} == families
+    assert 'inferwatch_rejects_total{reason="bad_json"} 3' in samples
+    assert 'inferwatch_consumer_lag_messages{partition="0"} 7' in samples
+
+
+def test_api_command_is_applied_at_the_next_checkpoint(served: Served) -> None:
+    before = served.worker.counters.checkpoints_total
+    submitted = served.client.command("checkpoint_now")
+    assert submitted["state"] == "pending" and submitted["command"] == "checkpoint_now"
+    deadline = time.monotonic() + 10
+    # checkpoint_s is an hour: only the command can make this checkpoint happen
+    while served.worker.counters.checkpoints_total == before:
+        assert time.monotonic() < deadline, "no checkpoint within 10 s"
+        time.sleep(0.05)
+    assert served.client.command_state(submitted["id"])["state"] == "applied"
+    for body, message in (
+        ({"command": "rm -rf"}, "known: checkpoint_now"),
+        ({"command": "checkpoint_now", "args": {"x": 1}}, "takes args"),
+        ({"args": {}}, "expected"),
+    ):
+        status, answer = http(f"{served.api.url}/v1/commands", served.api.token, body)
+        assert status == 400 and message in orjson.loads(answer)["error"]
+
+
+def test_api_file_is_private_and_removed_on_stop(served: Served) -> None:
+    directory = served.store.directory
+    assert directory is not None
+    path = directory / API_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert read_api_file(directory) == ApiInfo(os.getpid(), served.api.port, served.api.token)
+    assert not list(directory.glob(f".{API_FILE}*"))  # no temp file left behind
+    served.api.stop()
+    assert not path.exists()
+    with pytest.raises(ApiError, match=r"at http://127\.0\.0\.1"):
+        served.client.query("alerts")
+
+
+def test_cli_reads_through_the_api_while_a_worker_process_runs(tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    with Store(f"chdb:{store_dir}") as store:
+        seed(store)
+    log = (tmp_path / "worker.log").open("wb")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "tests.api_worker_process", str(store_dir)],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log, stderr=log,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (store_dir / API_FILE).exists():
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()
+            assert time.monotonic() < deadline, "worker published no api.json within 30 s"
+            time.sleep(0.05)
+        via_api = run_cli("alerts", "--format", "jsonl", "--store", f"chdb:{store_dir}")
+        assert via_api.returncode == 0, via_api.stderr
+        rows = [orjson.loads(line) for line in via_api.stdout.splitlines()]
+        assert [r["alert_id"] for r in rows] == ["a2", "a1"]
+        assert rows[1]["ts"] == "2026-01-01T00:21:00.123000+00:00"
+        bad = run_cli("findings", "--since", "yesterday", "--store", f"chdb:{store_dir}")
+        assert bad.returncode == 2 and "--since 'yesterday'" in bad.stderr
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0, (tmp_path / "worker.log").read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        log.close()
+    assert not (store_dir / API_FILE).exists()
+    direct = run_cli("alerts", "--format", "jsonl", "--store", f"chdb:{store_dir}")
+    assert direct.returncode == 0, direct.stderr
+    assert direct.stdout == via_api.stdout
+
+
+def test_cli_fails_clearly_when_the_owner_has_no_reachable_api(tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    lock = StoreLock(store_dir)
+    lock.acquire()
+    try:
+        out = run_cli("alerts", "--store", f"chdb:{store_dir}")
+        assert out.returncode == 2
+        expected = f"store {store_dir} is in use by pid {os.getpid()} and its API is not reachable"
+        assert expected in out.stderr.replace("\n", " ").replace("  ", " ")
+        # a file left by a killed worker names another pid: not trusted
+        (store_dir / API_FILE).write_text('{"pid": 1, "port": 9, "token": "stale"}')
+        out = run_cli("findings", "--store", f"chdb:{store_dir}")
+        assert out.returncode == 2 and "API is not reachable" in out.stderr
+    finally:
+        lock.release()

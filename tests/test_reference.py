@@ -1,0 +1,326 @@
+"""The reference store: freezing, the per-caller cap, score types, bytes, determinism."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import conformance as cf
+import numpy as np
+import numpy.typing as npt
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from detectors.reference import Reference, ReferenceStore
+from detectors.routing import FeatureIndex, route
+from schemas.batch import EventBatch
+
+F64 = npt.NDArray[np.float64]
+
+
+def events(
+    ts: Sequence[int],
+    callers: Sequence[str],
+    *,
+    model: str = "m0",
+    version: str = "",
+    scores: F64 | None = None,
+    score_labels: tuple[str, ...] | None = None,
+    features: F64 | None = None,
+    labels: Sequence[str] | None = None,
+    values: F64 | None = None,
+    status: int = 200,
+    offset0: int = 0,
+) -> EventBatch:
+    """A batch of one model version; scores named ``score_labels`` (default "0", "1")."""
+    n = len(ts)
+    b = cf.make_batch(ts, callers, model_id=[model] * n, features=features, offset0=offset0)
+    if scores is not None:
+        sc = np.asarray(scores, np.float64)
+        names = score_labels or cf.LABELS[: sc.shape[1]]
+        b = dataclasses.replace(b, scores=sc, score_labels=names)
+    label_col = np.empty(n, dtype=object)
+    label_col[:] = list(labels) if labels is not None else [""] * n
+    version_col = np.empty(n, dtype=object)
+    version_col[:] = [version] * n
+    return dataclasses.replace(
+        b,
+        model_version=version_col,
+        output_label=label_col,
+        output_value=np.full(n, np.nan) if values is None else np.asarray(values, np.float64),
+        status=np.full(n, status, np.int32),
+    )
+
+
+def feed(
+    store: ReferenceStore, batches: Sequence[EventBatch], index: FeatureIndex | None = None
+) -> list[Reference]:
+    index = index or FeatureIndex()
+    out: list[Reference] = []
+    for b in batches:
+        out.extend(store.update(b, route(b, index)))
+    return out
+
+
+def cut(batch: EventBatch, sizes: int) -> list[EventBatch]:
+    return [batch.take(np.arange(a, min(a + sizes, batch.n))) for a in range(0, batch.n, sizes)]
+
+
+KEYS_50 = [f"k{i}" for i in range(50)]
+
+
+def two_class(p: F64) -> F64:
+    return np.column_stack([1 - p, p])
+
+
+def test_reference_freezes_after_n_accepted_events() -> None:
+    rng = np.random.default_rng(1)
+    n = 1_200
+    whole = events(
+        np.arange(n) * 100,
+        [f"k{i % 40}" for i in range(n)],
+        scores=two_class(rng.random(n)),
+        features=rng.normal(size=(n, 2)),
+    )
+    store = ReferenceStore(n_events=500)
+    index = FeatureIndex()
+    frozen_in = [len(feed(store, [b], index)) for b in cut(whole, 97)]
+    assert frozen_in == [0] * 5 + [1] + [0] * (len(frozen_in) - 6)  # the 500th event: batch 6
+    ref = store.get("m0", "")
+    assert ref is not None and ref.complete
+    assert (ref.n_events, ref.events_seen, ref.callers) == (500, 500, 40)
+    assert (ref.first_ts_ms, ref.last_ts_ms) == (0, 499 * 100)
+    assert ref.score_counts.sum() == 500 and ref.sample_features.shape == (500, 2)
+    assert ref.sample_features.dtype == np.float32
+    assert [c.sum() for c in ref.feature_counts] == [500, 500]
+    assert ref.score_edges.size == 9 and list(store.frozen()) == [("m0", "")]
+
+
+def test_reference_resists_an_early_flooding_caller() -> None:
+    rng = np.random.default_rng(2)
+    n = 5_000
+    flood = rng.random(n) < 0.5  # one caller sends half of the first 5,000 events
+    honest_p = rng.beta(2, 5, n)
+    p = np.where(flood, rng.beta(9, 1, n), honest_p)
+    f0 = np.where(flood, rng.normal(10, 1, n), rng.normal(0, 1, n))
+    callers = np.where(flood, "attacker", np.char.add("k", (np.arange(n) % 300).astype(str)))
+    whole = events(
+        cf.T0_MS + np.arange(n) * 10,
+        callers.tolist(),
+        scores=two_class(p),
+        features=np.column_stack([f0, rng.normal(size=n)]),
+    )
+
+    def reference(share: float) -> Reference:
+        store = ReferenceStore(max_caller_share=share)
+        (ref,) = feed(store, cut(whole, 512))
+        return ref
+
+    ref = reference(0.05)
+    assert ref.complete and ref.n_events == 2_000
+    assert ref.max_caller_events <= 100 and ref.capped_callers == ("attacker",)
+    assert (ref.sample_features[:, 0] > 5).sum() <= 0.05 * ref.n_events
+    # A share c <= 5% of other events can move the reference's q-quantile only to between the
+    # honest quantiles at (q - c) / (1 - c) and q / (1 - c); 0.02 allows for sampling.
+    q = np.array([0.1, 0.5, 0.9])
+    honest = honest_p[~flood]
+    low = np.quantile(honest, (q - 0.05) / 0.95) - 0.02
+    high = np.quantile(honest, q / 0.95) + 0.02
+    ref_q = np.quantile(ref.sample_prediction, q)
+    assert np.all((low <= ref_q) & (ref_q <= high)), (low, ref_q, high)
+    # without the cap the same stream poisons the reference: the check above is not vacuous
+    poisoned = np.quantile(reference(1.0).sample_prediction, q)
+    assert np.abs(poisoned - np.quantile(honest, q)).max() > 0.2
+
+
+def test_reference_with_too_few_callers_freezes_on_the_seen_limit() -> None:
+    n = 2_000
+    whole = events(
+        np.arange(n), [f"k{i % 3}" for i in range(n)], scores=two_class(np.linspace(0, 1, n))
+    )
+    store = ReferenceStore(n_events=300, seen_limit_factor=5)  # cap 15 per caller
+    (ref,) = feed(store, cut(whole, 333))
+    assert (ref.n_events, ref.events_seen, ref.complete) == (45, 1_500, False)
+    assert ref.capped_callers == ("k0", "k1", "k2") and ref.max_caller_events == 15
+    assert ref.last_ts_ms == 1_499  # every event the builder consumed, skipped ones too
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "score_type", "positive"),
+    [
+        ({"scores": two_class(np.linspace(0.01, 0.99, 50))}, "probability", "1"),
+        (
+            {
+                "scores": np.tile([0.2, 0.5, 0.3], (50, 1)),
+                "score_labels": ("cat", "dog", "eel"),
+            },
+            "probability",
+            "",
+        ),
+        (
+            {"scores": np.linspace(0.05, 0.95, 50)[:, None], "score_labels": ("fraud",)},
+            "probability",
+            "",
+        ),
+        ({"scores": np.column_stack([np.linspace(-3, 2, 50), np.zeros(50)])}, "logit", ""),
+        ({"scores": np.tile([0.7, 0.6], (50, 1))}, "logit", ""),  # in [0, 1], rows sum to 1.3
+        ({"labels": ["spam", "ham"] * 25}, "label_only", ""),
+        ({"values": np.linspace(10, 20, 50)}, "regression", ""),
+    ],
+)
+def test_reference_infers_the_score_type(
+    kwargs: dict[str, Any], score_type: str, positive: str
+) -> None:
+    store = ReferenceStore(n_events=50)
+    (ref,) = feed(store, [events(np.arange(50), KEYS_50, **kwargs)])
+    assert (ref.score_type, ref.positive_label) == (score_type, positive)
+    assert ref.score_counts.sum() == 50
+
+
+def test_reference_label_only_bins_are_the_labels() -> None:
+    store = ReferenceStore(n_events=50, max_caller_share=1.0)
+    (ref,) = feed(store, [events(np.arange(50), KEYS_50, labels=["spam", "ham"] * 25)])
+    assert ref.score_categories == ("ham", "spam") and ref.score_counts.tolist() == [25, 25, 0]
+    later = events(np.arange(4), KEYS_50[:4], labels=["spam", "new", "", "ham"])
+    bins, _ = ref.bins_of(later, np.arange(4))
+    assert bins.tolist() == [1, 2, -1, 0]
+
+
+def test_reference_declared_score_type_wins_over_inference() -> None:
+    store = ReferenceStore(n_events=50, score_types={"m0": "logit"})
+    (ref,) = feed(store, [events(np.arange(50), KEYS_50, scores=two_class(np.full(50, 0.3)))])
+    assert ref.score_type == "logit"
+    with pytest.raises(ValueError, match="expected one of"):
+        ReferenceStore(score_types={"m0": "probabilities"})
+
+
+def test_reference_to_bytes_round_trips_exactly() -> None:
+    rng = np.random.default_rng(3)
+    n = 300
+    feats = rng.normal(size=(n, 3))
+    feats[rng.random(n) < 0.1, 1] = np.nan
+    store = ReferenceStore(n_events=n, sample_size=100)
+    (ref,) = feed(
+        store,
+        [events(np.arange(n), KEYS_50 * 6, scores=two_class(rng.random(n)), features=feats)],
+    )
+    blob = ref.to_bytes()
+    back = Reference.from_bytes(blob)
+    assert back == ref and back.to_bytes() == blob
+    for f in dataclasses.fields(Reference):
+        mine, theirs = getattr(ref, f.name), getattr(back, f.name)
+        assert type(mine) is type(theirs)
+        for x, y in zip(
+            *(v if isinstance(v, tuple) else (v,) for v in (mine, theirs)), strict=True
+        ):
+            if isinstance(x, np.ndarray):
+                assert x.dtype == y.dtype and np.array_equal(x, y, equal_nan=True), f.name
+            else:
+                assert x == y, f.name
+    assert ref.sample_features.shape == (100, 3) and ref.feature_missing[1] > 0
+
+
+def test_reference_bytes_do_not_depend_on_batch_cuts_or_later_features() -> None:
+    rng = np.random.default_rng(4)
+    n = 900
+    feats = np.full((n, 3), np.nan)
+    feats[:, 0] = rng.normal(size=n)
+    feats[700:, 2] = 1.0  # f2 appears only after the reference froze at event 600
+    whole = events(
+        np.arange(n),
+        [f"k{i % 50}" for i in range(n)],
+        scores=two_class(rng.random(n)),
+        features=feats,
+    )
+    blobs = set()
+    for size in (n, 650, 128, 7):
+        (ref,) = feed(ReferenceStore(n_events=600), cut(whole, size))
+        blobs.add(ref.to_bytes())
+    assert len(blobs) == 1
+    assert ref.feature_names == ("f0",)  # trailing unused columns trimmed
+
+
+def test_reference_builders_survive_snapshot_and_restore() -> None:
+    rng = np.random.default_rng(5)
+    n = 1_000
+    whole = events(
+        np.arange(n),
+        [f"k{i % 7}" for i in range(n)],
+        scores=two_class(rng.random(n)),
+        features=rng.normal(size=(n, 2)),
+    )
+    parts = cut(whole, 150)
+    straight = feed(ReferenceStore(n_events=800), parts)
+    index = FeatureIndex()
+    first = ReferenceStore(n_events=800)
+    assert feed(first, parts[:3], index) == []
+    blob = first.snapshot()
+    assert blob == first.snapshot()  # deterministic bytes
+    second = ReferenceStore(n_events=800)
+    second.restore(blob)
+    assert feed(second, parts[3:], index) == straight
+
+
+def test_reference_per_version_and_only_successful_calls() -> None:
+    n = 100
+    v1 = events(np.arange(n), ["a", "b"] * 50, version="v1", scores=two_class(np.full(n, 0.2)))
+    v2 = events(np.arange(n), ["a", "b"] * 50, version="v2", scores=two_class(np.full(n, 0.8)))
+    errors = events(
+        np.arange(n), ["a", "b"] * 50, version="v2", status=503, scores=two_class(np.ones(n))
+    )
+    store = ReferenceStore(n_events=60, max_caller_share=1.0)
+    refs = feed(store, [cf.concat([errors, v1.take(np.arange(50)), v2])])
+    assert [(r.model_version, r.score_range.tolist()) for r in refs] == [("v2", [0.8, 0.8])]
+    refs = feed(store, [v1])
+    assert [r.model_version for r in refs] == ["v1"] and store.get("m0", "v1") is not None
+
+
+def test_reference_add_replaces_the_builder() -> None:
+    store = ReferenceStore(n_events=50)
+    (ref,) = feed(store, [events(np.arange(50), KEYS_50, scores=two_class(np.full(50, 0.5)))])
+    other = ReferenceStore(n_events=10)
+    feed(other, [events(np.arange(5), KEYS_50[:5])])
+    other.add(ref)
+    assert other.get("m0", "") is ref and other.snapshot() == ReferenceStore().snapshot()
+    assert feed(other, [events(np.arange(50), KEYS_50)]) == []
+
+
+def naive_accept(callers: list[str], n_events: int, cap: int, seen_limit: int) -> tuple[int, int]:
+    """Row at a time: (accepted, seen) when the builder froze, or at the end of the stream."""
+    counts: dict[str, int] = {}
+    accepted = seen = 0
+    for c in callers:
+        seen += 1
+        if counts.get(c, 0) < cap:
+            counts[c] = counts.get(c, 0) + 1
+            accepted += 1
+        if accepted >= n_events or seen >= seen_limit:
+            break
+    return accepted, seen
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    callers=st.lists(st.sampled_from("abcdefgh"), min_size=1, max_size=300),
+    cuts=st.lists(st.integers(0, 300), max_size=6),
+    n_events=st.integers(5, 80),
+    share=st.sampled_from([0.05, 0.1, 0.25, 1.0]),
+)
+def test_reference_cap_matches_a_row_at_a_time_reference(
+    callers: list[str], cuts: list[int], n_events: int, share: float
+) -> None:
+    n = len(callers)
+    whole = events(np.arange(n), callers, scores=two_class(np.linspace(0, 1, n)))
+    bounds = sorted({0, n, *(c for c in cuts if c <= n)})
+    store = ReferenceStore(n_events=n_events, max_caller_share=share, seen_limit_factor=2)
+    refs = feed(store, [whole.take(np.arange(a, b)) for a, b in itertools.pairwise(bounds)])
+    accepted, seen = naive_accept(callers, n_events, store.cap, store.seen_limit)
+    if accepted >= n_events or seen >= store.seen_limit:
+        (ref,) = refs
+        assert (ref.n_events, ref.events_seen, ref.last_ts_ms) == (accepted, seen, seen - 1)
+        assert ref.max_caller_events <= store.cap
+    else:
+        assert refs == []

@@ -1,0 +1,171 @@
+"""The file -> worker -> chdb spine: idempotent replays, resume, crash recovery, the store lock,
+and alert/finding rows against the contracts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+
+from detectors.registry import create_all
+from streams import queries
+from streams.simulate import write as simulate_write
+from streams.sources import FileSource
+from streams.store import Store
+from streams.worker import FAULT_ENV, Worker, WorkerSettings
+
+EVENTS = 30_000
+SETTINGS = WorkerSettings(batch_max=2_000, checkpoint_events=6_000, checkpoint_s=3600)
+
+
+@pytest.fixture(scope="module")
+def traffic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("traffic") / "traffic.jsonl"
+    simulate_write("default", EVENTS, 11, path)
+    return path
+
+
+def run_file(path: Path, store_dir: Path, from_start: bool = False) -> Any:
+    with Store(f"chdb:{store_dir}") as store:
+        worker = Worker(store, FileSource(path), create_all(), SETTINGS, from_start)
+        return worker.run()
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "streams.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+def snapshot(store_dir: Path) -> dict[str, Any]:
+    """Everything a query of the project can see, minus wall-clock columns."""
+    with Store(f"chdb:{store_dir}") as store:
+
+        def rows(sql: str) -> list[tuple[Any, ...]]:
+            return sorted(tuple(r) for r in store.query(sql).result_rows)
+
+        return {
+            "counts": queries.counts(store),
+            "events": rows("SELECT event_id, count() FROM events FINAL GROUP BY event_id"),
+            "findings": rows(
+                "SELECT finding_id, event_id, detector, label, score FROM findings FINAL"
+            ),
+            "alerts": rows(
+                "SELECT alert_id, status, event_count, first_seen, last_seen, score FROM alerts FINAL"
+            ),
+            "metrics": rows(
+                "SELECT model_id, metric, window_start, value FROM window_metrics FINAL"
+            ),
+        }
+
+
+@pytest.fixture(scope="module")
+def reference_run(traffic: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    store_dir = tmp_path_factory.mktemp("reference") / "store"
+    run_file(traffic, store_dir)
+    return snapshot(store_dir)
+
+
+def test_worker_stores_every_event_once_and_raises_alerts(reference_run: dict[str, Any]) -> None:
+    assert reference_run["counts"]["events"] == EVENTS
+    assert all(n == 1 for _, n in reference_run["events"])
+    assert reference_run["counts"]["alerts"] > 0
+    assert reference_run["counts"]["findings"] > 0
+
+
+def test_worker_replay_from_start_leaves_no_duplicates_and_same_ids(
+    traffic: Path, tmp_path: Path, reference_run: dict[str, Any]
+) -> None:
+    store_dir = tmp_path / "store"
+    run_file(traffic, store_dir)
+    counters = run_file(traffic, store_dir, from_start=True)
+    assert counters.events_total == EVENTS
+    assert snapshot(store_dir) == reference_run
+
+
+def test_worker_plain_rerun_resumes_at_saved_position(traffic: Path, tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    run_file(traffic, store_dir)
+    counters = run_file(traffic, store_dir)
+    assert counters.events_total == 0
+
+
+def test_worker_killed_mid_checkpoint_and_rerun_ends_with_same_rows(
+    traffic: Path, tmp_path: Path, reference_run: dict[str, Any]
+) -> None:
+    store = f"chdb:{tmp_path / 'store'}"
+    args = ["run", "--source", f"file:{traffic}", "--store", store, "-q", "--batch-size", "2000"]
+    args += ["--checkpoint-events", "6000", "--checkpoint-s", "3600"]
+    killed = run_cli(*args, env={FAULT_ENV: "kill_after_flush:3"})
+    assert killed.returncode == -9, killed.stderr
+    done = run_cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert snapshot(tmp_path / "store") == reference_run
+
+
+def test_store_lock_names_the_owning_pid(tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    with Store(f"chdb:{store_dir}"):
+        other = run_cli("migrate", "--store", f"chdb:{store_dir}")
+    assert other.returncode == 2
+    assert f"store {store_dir.resolve()} is in use by pid {os.getpid()}" in other.stderr
+
+
+ALERT_FIELDS = {
+    "alert_id", "schema_version", "ts", "emitted_at", "detector", "detector_version", "severity",
+    "status", "resolved_at", "model_id", "tenant", "entity_type", "entity", "linked_entities",
+    "score", "threshold", "title", "summary", "atlas", "owasp", "evidence", "first_seen",
+    "last_seen", "event_count", "sample_event_ids", "incident_id", "runbook",
+}  # fmt: skip
+FINDING_FIELDS = {
+    "finding_id", "event_id", "ts", "model_id", "api_key_id", "client_ip", "session_id",
+    "detector", "detector_version", "label", "score", "atlas", "owasp", "evidence",
+}  # fmt: skip
+
+
+def test_alerts_and_findings_match_the_v1_contracts(traffic: Path, tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    run_file(traffic, store_dir)
+    out = run_cli("alerts", "--store", f"chdb:{store_dir}", "--format", "jsonl")
+    assert out.returncode == 0, out.stderr
+    alerts = [json.loads(line) for line in out.stdout.splitlines()]
+    assert alerts
+    for alert in alerts:
+        assert set(alert) == ALERT_FIELDS
+        assert alert["severity"] in {"info", "low", "medium", "high", "critical"}
+        assert alert["status"] in {"firing", "resolved", "silenced"}
+        assert alert["first_seen"] <= alert["ts"] or alert["status"] == "resolved"
+        assert isinstance(alert["evidence"], dict) and alert["evidence"]
+    rate = [a for a in alerts if a["detector"] == "abuse.rate_spike"]
+    assert rate and all(a["atlas"] == ["AML.T0040"] and a["sample_event_ids"] for a in rate)
+    out = run_cli("findings", "--store", f"chdb:{store_dir}", "--format", "jsonl")
+    found = [json.loads(line) for line in out.stdout.splitlines()]
+    assert found and all(set(f) == FINDING_FIELDS for f in found)
+    with Store(f"chdb:{store_dir}") as store:
+        ids = {r[0] for r in store.query("SELECT event_id FROM events FINAL").result_rows}
+    assert {f["event_id"] for f in found} <= ids
+    sample_ids = {e for a in rate for e in a["sample_event_ids"]}
+    assert sample_ids <= ids
+
+
+def test_bad_source_and_store_arguments_fail_with_clear_errors(tmp_path: Path) -> None:
+    missing = run_cli("run", "--source", f"file:{tmp_path / 'nope.jsonl'}", "--store", "chdb:x")
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    bad = run_cli("migrate", "--store", "mysql://db")
+    assert bad.returncode == 2 and "expected chdb:DIR or http(s)://HOST:PORT" in bad.stderr
+
+
+def test_event_schema_file_is_valid_json_schema() -> None:
+    from schemas.event_schema import load_schema
+
+    jsonschema.Draft202012Validator.check_schema(load_schema())
