@@ -296,4 +296,3 @@ def json_evidence(items: Sequence[Mapping[str, Any]]) -> StrArray:
     for i, item in enumerate(items):
         out[i] = orjson.dumps(item, option=orjson.OPT_SORT_KEYS).decode()
     return out
-

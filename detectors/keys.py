@@ -7,7 +7,8 @@ dictionary-encoded first, so the Python dictionary is touched once per distinct 
 per event.
 
 >>> ks = KeySlots("api_key")
->>> ks.lookup(np.array(["a", "b", "a"], dtype=object), np.array([10, 20, 30]), np.zeros(3, np.int32))
+>>> keys = np.array(["a", "b", "a"], dtype=object)
+>>> ks.lookup(keys, np.array([10, 20, 30]), np.zeros(3, np.int32))
 array([0, 1, 0])
 >>> int(ks.last_seen_ms[0]), ks.size
 (30, 2)
@@ -104,7 +105,7 @@ class KeySlots:
         first_row = np.full(len(distinct), len(keys), np.int64)
         np.minimum.at(first_row, codes, np.arange(len(keys)))
         slots_of_distinct = self.assign(distinct, partition[first_row].tolist())
-        slots = slots_of_distinct[codes]
+        slots: I64 = slots_of_distinct[codes]
         np.maximum.at(self.last_seen_ms, slots, ts_ms)
         return slots
 

@@ -42,7 +42,8 @@ def create(name: str, **params: Any) -> Detector:
     try:
         factory = _FACTORIES[name]
     except KeyError:
-        raise KeyError(f"unknown detector {name!r}; registered: {', '.join(sorted(_FACTORIES))}")
+        known = ", ".join(sorted(_FACTORIES))
+        raise KeyError(f"unknown detector {name!r}; registered: {known}") from None
     return factory(**params)
 
 

@@ -90,9 +90,14 @@ def _model_rows(model_id: npt.NDArray[np.object_]) -> dict[str, I64]:
     models, inverse = np.unique(model_id.astype(str), return_inverse=True)
     order = np.argsort(inverse, kind="stable")
     bounds = np.searchsorted(inverse[order], np.arange(len(models) + 1))
-    return {
-        str(m): order[bounds[i] : bounds[i + 1]].astype(np.int64) for i, m in enumerate(models)
-    }
+    return {str(m): order[bounds[i] : bounds[i + 1]].astype(np.int64) for i, m in enumerate(models)}
+
+
+def _present(mask: npt.NDArray[np.bool_], width: int) -> list[bool]:
+    """Which columns have at least one value in these rows."""
+    if not mask.size:
+        return [False] * width
+    return [bool(v) for v in mask.any(axis=0)]
 
 
 def route(batch: EventBatch, index: FeatureIndex) -> dict[str, ModelView]:
@@ -100,9 +105,9 @@ def route(batch: EventBatch, index: FeatureIndex) -> dict[str, ModelView]:
     views: dict[str, ModelView] = {}
     for model, rows in _model_rows(batch.model_id).items():
         num = batch.num_values[rows]
-        num_present = ~np.isnan(num).all(axis=0) if num.size else np.zeros(0, bool)
+        num_present = _present(~np.isnan(num), len(batch.num_names))
         cat = batch.cat_codes[rows]
-        cat_present = (cat >= 0).any(axis=0) if cat.size else np.zeros(0, bool)
+        cat_present = _present(cat >= 0, len(batch.cat_names))
         num_names = tuple(n for n, p in zip(batch.num_names, num_present, strict=True) if p)
         cat_names = tuple(n for n, p in zip(batch.cat_names, cat_present, strict=True) if p)
         vec_len = int(batch.vector_len[rows].max()) if rows.size else 0
@@ -124,13 +129,13 @@ def route(batch: EventBatch, index: FeatureIndex) -> dict[str, ModelView]:
         for j, (name, col) in enumerate(zip(cat_names, cols_cat, strict=True)):
             src = batch.cat_names.index(name)
             values = batch.cat_values[src]
-            codes = index._names(
-                index.categories.setdefault(model, {}), name, values
-            ).astype(np.float64)
+            codes = index._names(index.categories.setdefault(model, {}), name, values).astype(
+                np.float64
+            )
             raw = cat[:, np.flatnonzero(cat_present)[j]]
             features[:, col] = np.where(raw >= 0, codes[np.maximum(raw, 0)], np.nan)
         sc = batch.scores[rows]
-        present = ~np.isnan(sc).all(axis=0) if sc.size else np.zeros(0, bool)
+        present = _present(~np.isnan(sc), len(batch.score_labels))
         labels = tuple(n for n, p in zip(batch.score_labels, present, strict=True) if p)
         cols_lab = index._names(index.labels, model, labels)
         all_labels = tuple(index.labels[model])

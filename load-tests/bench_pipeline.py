@@ -33,9 +33,10 @@ def worker_run(path: Path, store_dir: Path) -> tuple[float, dict[str, float], in
     from streams.worker import Worker, WorkerSettings
 
     t0 = time.perf_counter()
+    source = FileSource(path)
     with Store(f"chdb:{store_dir}") as store:
-        worker = Worker(store, FileSource(path), create_all(), WorkerSettings())
-        counters = worker.run()
+        counters = Worker(store, source, create_all(), WorkerSettings()).run()
+    source.close()
     return time.perf_counter() - t0, dict(counters.stage_s), counters.events_total
 
 
@@ -79,10 +80,11 @@ def in_subprocess(kind: str, path: Path) -> dict[str, object]:
     """Each run in a fresh process with a fresh store: chdb allows one store per process."""
     with tempfile.TemporaryDirectory() as tmp:
         code = (
-            "import json,sys; sys.path.insert(0, %r); import importlib.util as u; "
-            "s=u.spec_from_file_location('b', %r); b=u.module_from_spec(s); s.loader.exec_module(b);"
-            "print(json.dumps(b.one(%r, %r, %r)))"
-        ) % (str(ROOT), __file__, kind, str(path), str(Path(tmp) / "store"))
+            f"import json,sys; sys.path.insert(0, {str(ROOT)!r}); import importlib.util as u; "
+            f"s=u.spec_from_file_location('b', {__file__!r}); b=u.module_from_spec(s); "
+            "s.loader.exec_module(b); "
+            f"print(json.dumps(b.one({kind!r}, {str(path)!r}, {str(Path(tmp) / 'store')!r})))"
+        )
         out = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True
         ).stdout
@@ -121,8 +123,10 @@ def main() -> None:
                 rates.append(rate)
                 if kind == "worker":
                     stage_runs.append(b["stages"])
-            print(f"{kind:9} file -> chdb: {statistics.median(rates):>10,.0f} events/s "
-                  f"(runs: {', '.join(f'{r:,.0f}' for r in rates)})")
+            print(
+                f"{kind:9} file -> chdb: {statistics.median(rates):>10,.0f} events/s "
+                f"(runs: {', '.join(f'{r:,.0f}' for r in rates)})"
+            )
             if stage_runs:
                 stages = stage_runs[len(stage_runs) // 2]
                 assert isinstance(stages, dict)

@@ -43,6 +43,7 @@ from schemas.batch import (
 )
 from schemas.event_schema import (
     INPUT_FIELDS,
+    INT64_MAX,
     OPTIONAL_STRINGS,
     OUTPUT_FIELDS,
     REQUIRED_STRINGS,
@@ -67,6 +68,9 @@ _MESSAGE_FIELDS = frozenset(("role", "content"))
 # A refused block this small is checked message by message rather than split further: a
 # pyarrow read costs ~200 us however small, the reference check ~20 us per message.
 _LEAF = 16
+# Messages per parse when scanning a refused block for its stops; pyarrow's cost per call grows
+# with the buffer it is given, even when it stops early.
+_WINDOW, _MAX_WINDOW = 256, 4096
 DEFAULT_LIMITS = Limits()
 
 
@@ -91,13 +95,9 @@ def _explicit_schema(ts_type: pa.DataType) -> pa.Schema:
     )
     return pa.schema(
         [
-            ("schema_version", pa.int64()),
             ("ts", ts_type),
             *((name, string) for name in (*REQUIRED_STRINGS, *OPTIONAL_STRINGS)),
-            ("status", pa.int64()),
             ("latency_ms", pa.float64()),
-            ("tokens_in", pa.int64()),
-            ("tokens_out", pa.int64()),
             ("input", inp),
             ("output", out),
             ("attributes", pa.struct([])),
@@ -209,19 +209,20 @@ def _map_bad(struct: Column | None, ok_types: tuple[pa.DataType, ...], n: int) -
 def _vet(table: pa.Table, limits: Limits) -> tuple[Bool, I64]:
     """Rows that need the reference check, and ts in epoch ms (meaningful for the others)."""
     n, col = table.num_rows, table.column
-    bad = ~_true(pc.equal(col("schema_version"), 1))
+    version = _column(table, "schema_version")
+    bad = np.ones(n, bool) if version is None else ~_true(version.is_valid())
+    bad |= _int_bad(version, 1, 1)
     for name in REQUIRED_STRINGS:
         bad |= ~_true(pc.greater(pc.binary_length(col(name)), 0))
     ts = col("ts")
     if pa.types.is_string(ts.type):
         ts_ms, ok = ts_text_ms(ts)
     else:
-        ts_ms, ok = int_column(ts, 0), _true(ts.is_valid())
+        ts_ms, ok = int_column(ts, 0, n), _true(ts.is_valid())
     bad |= ~(ok & (ts_ms >= TS_MIN_MS) & (ts_ms < TS_END_MS))
-    status = col("status")
-    bad |= _true(pc.or_(pc.less(status, 0), pc.greater(status, STATUS_MAX)))
+    bad |= _int_bad(_column(table, "status"), 0, STATUS_MAX)
     for name in ("tokens_in", "tokens_out"):
-        bad |= _true(pc.less(col(name), 0))
+        bad |= _int_bad(_column(table, name), 0, INT64_MAX)
     bad |= _non_finite(col("latency_ms"))
     inp, out, text_max = col("input"), col("output"), limits.max_text_bytes
     numeric = (pa.int64(), pa.float64(), pa.bool_(), pa.string(), pa.null())
@@ -245,6 +246,23 @@ def _vet(table: pa.Table, limits: Limits) -> tuple[Bool, I64]:
     bad |= _truth_bad(truth, n)
     bad |= _map_bad(col("attributes"), (pa.string(), pa.null()), n)
     return bad, ts_ms
+
+
+def _column(table: pa.Table, name: str) -> Column | None:
+    return table.column(name) if name in table.schema.names else None
+
+
+def _int_bad(x: Column | None, lo: int, hi: int) -> Bool | bool:
+    """Rows whose value is not an integral number in [lo, hi] (null is fine)."""
+    if x is None or x.type == pa.null():
+        return False
+    if x.type == pa.int64():
+        return _true(pc.or_(pc.less(x, lo), pc.greater(x, hi)))
+    if x.type == pa.float64():
+        ok = pc.and_(pc.equal(pc.floor(x), x), pc.greater_equal(x, float(lo)))
+        ok = pc.and_(ok, pc.less(x, float(hi) + 1))
+        return _true(x.is_valid()) & ~_true(ok)
+    return _true(x.is_valid())
 
 
 def _truth_bad(truth: Column | None, n: int) -> Bool:
@@ -289,10 +307,10 @@ def _piece(table: pa.Table, idx: I64, ts_ms: I64) -> _Piece:
     cols: dict[str, npt.NDArray[Any]] = {"ts_ms": ts_ms}
     for name in (*REQUIRED_STRINGS, *OPTIONAL_STRINGS):
         cols[name] = string_column(col(name), n)
-    cols["status"] = int_column(col("status"), 200).astype(np.int32)
+    cols["status"] = int_column(_column(table, "status"), 200, n).astype(np.int32)
     cols["latency_ms"] = float_column(col("latency_ms"))
-    cols["tokens_in"] = int_column(col("tokens_in"), -1)
-    cols["tokens_out"] = int_column(col("tokens_out"), -1)
+    cols["tokens_in"] = int_column(_column(table, "tokens_in"), -1, n)
+    cols["tokens_out"] = int_column(_column(table, "tokens_out"), -1, n)
     piece = _Piece(idx, cols)
     inp, out = col("input"), col("output")
     feats = _field(inp, "features")
@@ -352,8 +370,11 @@ def float_column(x: Column) -> F64:
     return out
 
 
-def int_column(x: Column, default: int) -> I64:
-    return np.asarray(pc.fill_null(x, default).to_numpy(), dtype=np.int64)
+def int_column(x: Column | None, default: int, n: int) -> I64:
+    """An integer column (read as int64, or as float64 when some value was written 200.0)."""
+    if x is None or x.null_count == len(x):
+        return np.full(n, default, np.int64)
+    return np.asarray(pc.fill_null(pc.cast(x, pa.int64()), default).to_numpy(), dtype=np.int64)
 
 
 def number_text(x: Column | None, n: int) -> StrArray:
@@ -506,7 +527,7 @@ class _Run:
         else:
             self.redo.append((i, result))
 
-    def block(self, idx: I64, joined: bytes | None = None, localized: bool = False) -> None:
+    def block(self, idx: I64, joined: bytes | None = None, rounds: int = 0) -> None:
         """Decode raw messages; set aside the ones pyarrow refuses for the reference check."""
         msgs, lens = [self.messages[i] for i in idx], self.lens[idx]
         buf = _buffer(msgs, lens, joined)
@@ -518,39 +539,45 @@ class _Run:
         if text is not None and text.any() and not text.all():
             self.block(idx[text])
             self.block(idx[~text])
-        elif localized or len(idx) <= _LEAF:
-            # each part reads on its own but not all together: valid messages whose types differ
+        elif rounds >= 2 or len(idx) <= _LEAF:
+            # parts read on their own but not all together: valid messages whose types differ
             for i in idx:
                 self.reference(int(i))
         else:
             good = self.scan(idx, buf, lens, as_text)
             if len(good):
-                self.block(good, localized=True)
+                self.block(good, rounds=rounds + 1)
 
     def scan(self, idx: I64, buf: pa.Buffer, lens: I64, as_text: bool) -> I64:
         """The messages before, between and after the ones pyarrow stops at; those go to the
-        reference check. Parsing one block from each stop, pyarrow names the row it stopped at
-        and costs only the rows it parsed."""
+        reference check. Parsed as one block, a window of messages costs only the rows up to
+        the stop, and pyarrow names the row it stopped at."""
         starts = np.cumsum(lens + 1) - lens - 1
         good: list[I64] = []
-        at, stops = 0, 0
+        at, stops, window = 0, 0, _WINDOW
         while at < len(idx):
             if stops >= _LEAF and at < stops * _LEAF:
                 # dense errors: message by message is cheaper than a parse per error
                 for i in idx[at:]:
                     self.reference(int(i))
                 break
-            part = buf.slice(int(starts[at]))
+            end = min(len(idx), at + window)
+            part = buf.slice(int(starts[at]), int(starts[end - 1] + lens[end - 1] - starts[at]))
             table, error = _parse(part, as_text, part.size + 1)
             row = _ERROR_ROW.search(error)
             if table is not None or row is None:
-                rest = idx[at:]
-                ok = table is not None and table.num_rows == len(rest) and _shape_ok(table.schema)
-                good.append(rest if ok else self.split(rest))
-                break
-            stop = at + int(row.group(1))
-            good.append(idx[at:stop])
-            if stop < len(idx):
+                chunk = idx[at:end]
+                ok = table is not None and table.num_rows == len(chunk) and _shape_ok(table.schema)
+                good.append(chunk if ok else self.split(chunk))
+                at, window = end, min(2 * window, _MAX_WINDOW)
+                continue
+            stop = min(at + int(row.group(1)), end - 1)
+            if stop - at < _LEAF and "changed from" in error:
+                # the odd type may be the first rows', not the stop's: check them all
+                for i in idx[at : stop + 1]:
+                    self.reference(int(i))
+            else:
+                good.append(idx[at:stop])
                 self.reference(int(idx[stop]))
             at, stops = stop + 1, stops + 1
         return np.concatenate(good) if good else np.empty(0, np.int64)

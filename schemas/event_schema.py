@@ -142,10 +142,12 @@ def _as_int(v: Any, lo: int, hi: int) -> int | None:
 
 
 class _Parse:
-    """json.loads hooks that note duplicate keys at any depth instead of keeping the last one."""
+    """json.loads hooks that note duplicate keys at any depth instead of keeping the last one,
+    and numbers that are not finite (NaN, Infinity, 1e999, a 400-digit integer)."""
 
     def __init__(self) -> None:
         self.duplicate: str | None = None
+        self.non_finite = False
 
     def pairs(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         d = dict(pairs)
@@ -158,14 +160,23 @@ class _Parse:
                 seen.add(k)
         return d
 
+    def number(self, text: str) -> float:
+        v = float(text)
+        self.non_finite |= not math.isfinite(v)
+        return v
 
-def _parse_int(text: str) -> int | float:
-    # ints past int64 become floats as in the fast path; huge ones become inf, caught as non-finite
-    if len(text) <= 20:
-        v = int(text)
-        if -INT64_MAX - 1 <= v <= INT64_MAX:
-            return v
-    return float(text)
+    def integer(self, text: str) -> int | float:
+        # ints past int64 become floats, as in pyarrow; past float64, inf
+        if len(text) <= 20:
+            v = int(text)
+            if -INT64_MAX - 1 <= v <= INT64_MAX:
+                return v
+        return self.number(text)
+
+
+# What makes a parsed message worth a walk: a \u escape of a UTF-16 surrogate, maybe unpaired
+# (json.loads keeps those, UTF-8 cannot), or a number long enough to overflow a float.
+_WALK_NEEDED = re.compile(rb"\\u[dD][89a-fA-F]|[eE]\+?0*[1-9][0-9]{2}|[0-9]{200}")
 
 
 def _bad_values(v: Any, path: str, found: dict[str, str]) -> None:
@@ -195,8 +206,8 @@ def _parse(raw: bytes) -> Problem | dict[str, Any]:
         obj = json.loads(
             raw.decode("utf-8"),
             object_pairs_hook=hooks.pairs,
-            parse_int=_parse_int,
-            parse_constant=float,
+            parse_int=hooks.integer,
+            parse_constant=hooks.number,
         )
     except UnicodeDecodeError as e:
         return "bad_json", f"not UTF-8: {e.reason} at byte {e.start}"
@@ -207,7 +218,8 @@ def _parse(raw: bytes) -> Problem | dict[str, Any]:
     if not isinstance(obj, dict):
         return "bad_json", f"top level is {_json_type(obj)}, expected an object"
     found: dict[str, str] = {}
-    _bad_values(obj, "", found)
+    if hooks.non_finite or _WALK_NEEDED.search(raw):
+        _bad_values(obj, "", found)
     if "bad_json" in found:
         return "bad_json", found["bad_json"]
     if hooks.duplicate is not None:

@@ -142,11 +142,11 @@ def save(
                 "source": [source] * len(next_offsets),
                 "partition": pa.array(list(next_offsets), pa.int32()),
                 "next_offset": pa.array(list(next_offsets.values()), pa.int64()),
-                "max_ts_ms": pa.array(
-                    [maxts.get(p, -(2**63)) for p in next_offsets], pa.int64()
-                ),
+                "max_ts_ms": pa.array([maxts.get(p, -(2**63)) for p in next_offsets], pa.int64()),
                 "seq": pa.array([seq] * len(next_offsets), pa.uint64()),
-                "saved_at": pa.array([int(time.time() * 1000)] * len(next_offsets), pa.timestamp("ms")),
+                "saved_at": pa.array(
+                    [int(time.time() * 1000)] * len(next_offsets), pa.timestamp("ms")
+                ),
             }
         ),
     )
@@ -203,13 +203,13 @@ def _restore(det: Detector, rows: list[tuple[str, int, str, bytes]], keyspace: K
     state = []
     for et, items in keyed.items():
         width = len(items[0][2])
-        data = np.frombuffer(b"".join(d for _, _, d in items), dtype=f"V{width}")
+        records = np.frombuffer(b"".join(d for _, _, d in items), dtype=f"V{width}")
         state.append(
             StateRows(
                 et,
                 tuple(k for _, k, _ in items),
                 np.array([p for p, _, _ in items], np.int32),
-                data,
+                records,
             )
         )
     if state or model is not None:

@@ -54,7 +54,9 @@ class Watermark:
                 self.max_ts[p] = max(self.max_ts.get(p, INT64_MIN), top)
                 self.active_at[p] = now
         active = [
-            ts for p, ts in self.max_ts.items() if now - self.active_at.get(p, now) <= self.idle_partition_s
+            ts
+            for p, ts in self.max_ts.items()
+            if now - self.active_at.get(p, now) <= self.idle_partition_s
         ]
         if active:
             self.value = max(self.value, min(active) - self.lateness_ms)
@@ -185,4 +187,3 @@ class Pipeline:
                 if et in det.entity_types and slots.size:
                     det.evict(et, slots)
         self.watermark.forget(partitions)
-

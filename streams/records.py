@@ -41,7 +41,9 @@ def _map(names: Sequence[str], matrix: npt.NDArray[np.float64]) -> pa.Array:
     n = matrix.shape[0]
     if not names:
         return pa.MapArray.from_arrays(
-            pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string()), pa.array([], pa.float64())
+            pa.array(np.zeros(n + 1, np.int32)),
+            pa.array([], pa.string()),
+            pa.array([], pa.float64()),
         )
     mask = ~np.isnan(matrix)
     offsets = np.zeros(n + 1, np.int32)
@@ -57,7 +59,9 @@ def _categories(batch: EventBatch) -> pa.Array:
     codes = batch.cat_codes
     if not batch.cat_names:
         return pa.MapArray.from_arrays(
-            pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string()), pa.array([], pa.string())
+            pa.array(np.zeros(n + 1, np.int32)),
+            pa.array([], pa.string()),
+            pa.array([], pa.string()),
         )
     mask = codes >= 0
     offsets = np.zeros(n + 1, np.int32)
@@ -65,7 +69,7 @@ def _categories(batch: EventBatch) -> pa.Array:
     keys = np.broadcast_to(np.asarray(batch.cat_names, dtype=object), codes.shape)[mask]
     values = np.empty(codes.shape, dtype=object)
     for j, dictionary in enumerate(batch.cat_values):
-        lookup = np.asarray(dictionary + ("",), dtype=object)
+        lookup = np.asarray((*dictionary, ""), dtype=object)
         values[:, j] = lookup[codes[:, j]]
     return pa.MapArray.from_arrays(
         pa.array(offsets), pa.array(keys, pa.string()), pa.array(values[mask], pa.string())
@@ -83,9 +87,7 @@ def _vector(batch: EventBatch) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float32()))
 
 
-def _text(
-    texts: npt.NDArray[np.object_], key: bytes, store_text: str
-) -> tuple[pa.Array, pa.Array]:
+def _text(texts: npt.NDArray[np.object_], key: bytes, store_text: str) -> tuple[pa.Array, pa.Array]:
     """(stored text, keyed HMAC-SHA256 fingerprint); raw text is kept only when configured."""
     present = np.flatnonzero(texts != "")
     fingerprints = np.full(len(texts), "", dtype=object)
@@ -140,7 +142,11 @@ def events_table(batch: EventBatch, hmac_key: bytes, store_text: str = "redacted
 
 
 def findings_table(
-    batch: EventBatch, found: Findings, detector: str, version: str, atlas: tuple[str, ...],
+    batch: EventBatch,
+    found: Findings,
+    detector: str,
+    version: str,
+    atlas: tuple[str, ...],
     owasp: tuple[str, ...],
 ) -> pa.Table:
     rows = found.rows
@@ -169,8 +175,12 @@ def findings_table(
 
 
 def alert_record(
-    change: AlertChange, detector: str, version: str, atlas: tuple[str, ...],
-    owasp: tuple[str, ...], emitted_at_ms: int,
+    change: AlertChange,
+    detector: str,
+    version: str,
+    atlas: tuple[str, ...],
+    owasp: tuple[str, ...],
+    emitted_at_ms: int,
 ) -> dict[str, Any]:
     """One alert v1 record (DESIGN.md section 4) from an episode change."""
     resolved = change.status == "resolved"
@@ -210,10 +220,9 @@ def alert_record(
 def alert_version(record: dict[str, Any]) -> int:
     """ReplacingMergeTree version: later event time wins, a resolution beats a firing update,
     more events win a tie. Deterministic, so a replay writes the same version."""
-    latest = max(record["last_seen"], record["resolved_at"] or 0)
-    return (latest << 21) | ((record["status"] == "resolved") << 20) | min(
-        record["event_count"], (1 << 20) - 1
-    )
+    latest = int(max(record["last_seen"], record["resolved_at"] or 0))
+    resolved = int(record["status"] == "resolved")
+    return (latest << 21) | (resolved << 20) | min(int(record["event_count"]), (1 << 20) - 1)
 
 
 def alerts_table(records: Sequence[dict[str, Any]]) -> pa.Table:

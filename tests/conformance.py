@@ -6,7 +6,8 @@ outputs to a normal form that two runs of the same stream must agree on however 
 cut into batches or checkpointed:
 
 - findings: the set of (event_id, label, score rounded);
-- alerts: the last change of each alert id (detector, model, entity type, entity, episode start);
+- alerts: per alert id (detector, model, entity type, entity, episode start), the change the
+  store keeps (``streams.records.alert_version``);
 - window metrics: the set of (model, metric, feature, window, value rounded, event count).
 """
 
@@ -27,6 +28,7 @@ from detectors.base import Detector, DetectorInput, KeySpace, Output, Snapshot, 
 from detectors.reference import Reference, ReferenceStore
 from detectors.routing import FeatureIndex, route
 from schemas.batch import EventBatch, empty_batch
+from streams.records import alert_version
 
 T0_MS = 1_700_000_040_000  # a minute boundary
 LATENESS_MS = 60_000
@@ -242,7 +244,7 @@ def normalise(log: Iterable[tuple[EventBatch, Output]], detector: str) -> Normal
                 findings.add((str(e), str(label), round(float(score), 6)))
         for a in out.alerts:
             key = (a.detector or detector, a.model_id, a.entity_type, a.entity, a.episode_start_ms)
-            alerts[key] = alert_state(a)
+            keep_latest(alerts, key, alert_state(a))
         for m in out.metrics:
             metrics.add(
                 (
@@ -275,8 +277,31 @@ def assert_same(got: Normal, want: Normal, context: str = "") -> None:
     raise AssertionError("\n".join(lines))
 
 
+def keep_latest(
+    alerts: dict[tuple[str, str, str, str, int], tuple[Any, ...]],
+    key: tuple[str, str, str, str, int],
+    state: tuple[Any, ...],
+) -> None:
+    """Keep, per alert id, the change the store keeps: the highest ``alert_version`` (so two
+    keys whose episodes share an id, such as one IP on two partitions, reduce the way the store
+    reduces them), the content breaking exact ties the store would leave to insertion order."""
+    if key not in alerts or _rank(state) > _rank(alerts[key]):
+        alerts[key] = state
+
+
+def _rank(state: tuple[Any, ...]) -> tuple[int, tuple[Any, ...]]:
+    status, ts_ms, count, _, last_seen = state[:5]
+    record = {
+        "last_seen": last_seen,
+        "resolved_at": ts_ms if status == "resolved" else None,
+        "status": status,
+        "event_count": count,
+    }
+    return alert_version(record), state
+
+
 def alert_state(a: Any) -> tuple[Any, ...]:
-    """What the store keeps of an alert id once its last change is applied."""
+    """An alert change as the store keeps it (the fields ``_rank`` reads come first)."""
     return (
         a.status,
         a.ts_ms,

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conformance import T0_MS, Normal, Runner, make_batch, normalise, stream
+from conformance import T0_MS, Normal, Runner, keep_latest, make_batch, normalise, stream
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -183,7 +183,8 @@ class NaiveRateSpike:
 
     def _record(self, et: str, name: str, ep: _Ep, status: str) -> None:
         resolved = status == "resolved"
-        self.alerts[("abuse.rate_spike", ep.model_id, et, name, ep.start_ms)] = (
+        key = ("abuse.rate_spike", ep.model_id, et, name, ep.start_ms)
+        state = (
             status,
             (ep.last_bucket + 2) * self.bucket_ms if resolved else ep.crossing_ms,
             ep.count,
@@ -195,6 +196,7 @@ class NaiveRateSpike:
             "high" if ep.peak >= 2 else "medium",
             ep.tenant,
         )
+        keep_latest(self.alerts, key, state)
 
     def _close(self, et: str, name: str, ep: _Ep) -> None:
         self._record(et, name, ep, "resolved")

@@ -32,9 +32,12 @@ def traffic(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_file(path: Path, store_dir: Path, from_start: bool = False) -> Any:
-    with Store(f"chdb:{store_dir}") as store:
-        worker = Worker(store, FileSource(path), create_all(), SETTINGS, from_start)
-        return worker.run()
+    source = FileSource(path)
+    try:
+        with Store(f"chdb:{store_dir}") as store:
+            return Worker(store, source, create_all(), SETTINGS, from_start).run()
+    finally:
+        source.close()
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -61,7 +64,8 @@ def snapshot(store_dir: Path) -> dict[str, Any]:
                 "SELECT finding_id, event_id, detector, label, score FROM findings FINAL"
             ),
             "alerts": rows(
-                "SELECT alert_id, status, event_count, first_seen, last_seen, score FROM alerts FINAL"
+                "SELECT alert_id, status, event_count, first_seen, last_seen, score "
+                "FROM alerts FINAL"
             ),
             "metrics": rows(
                 "SELECT model_id, metric, window_start, value FROM window_metrics FINAL"
