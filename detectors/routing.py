@@ -97,7 +97,8 @@ def _present(mask: npt.NDArray[np.bool_], width: int) -> list[bool]:
     """Which columns have at least one value in these rows."""
     if not mask.size:
         return [False] * width
-    return [bool(v) for v in mask.any(axis=0)]
+    any_rows: npt.NDArray[np.bool_] = np.asarray(mask.any(axis=0))
+    return [bool(v) for v in any_rows]
 
 
 def route(batch: EventBatch, index: FeatureIndex) -> dict[str, ModelView]:

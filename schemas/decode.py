@@ -3,10 +3,17 @@
 The messages are joined into one NDJSON buffer and read by ``pyarrow.json.read_json`` with an
 explicit schema for the fixed fields (so a number where a string belongs fails), then vetted
 column by column for what pyarrow lets through (NaN/Infinity, nulls, ranges, sizes, timestamps,
-unknown fields). A block pyarrow refuses is split in two until each bad message stands alone.
-Every message the fast path cannot vouch for goes to :func:`~schemas.event_schema.check_event`,
-the row-at-a-time reference, which rejects it with a reason or returns its canonical form for a
-second fast pass: the columns of a good message never depend on the path or block that read it.
+unknown fields). No Python runs per message on this path.
+
+pyarrow refuses a whole block for one bad message. Then the block is scanned in windows parsed
+as single blocks, where pyarrow names the row it stopped at and costs only the rows before it;
+what it reads without naming a row (unknown fields, two objects in one message) is split in
+halves. Every message the fast path cannot vouch for goes to
+:func:`~schemas.event_schema.check_event`, the row-at-a-time reference, which rejects it with a
+reason or returns its canonical form; canonical forms get a second fast pass, grouped so that
+valid events with different inferred types (feature ``a`` is 1 here and "x" there) do not meet.
+Either way pyarrow builds every column, so a good message's columns do not depend on its
+neighbours or on the path that read it.
 
 >>> d = decode([b'{"schema_version":1,"event_id":"e1","ts":"2025-01-01T02:00:00+02:00",'
 ...             b'"model_id":"m","api_key_id":"k","output":{"label":1}}', b'{"ts":NaN}'])
@@ -132,7 +139,7 @@ def _parse(buf: pa.Buffer, as_text: bool, block_size: int) -> tuple[pa.Table | N
     options = pj.ReadOptions(use_threads=True, block_size=block_size)
     try:
         return pj.read_json(buf, read_options=options, parse_options=_PARSE[as_text]), ""
-    except (pa.ArrowException, ValueError) as e:
+    except pa.ArrowException as e:
         return None, str(e)
 
 
