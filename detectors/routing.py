@@ -7,7 +7,8 @@ first time gets the next column and earlier rows read NaN for it.
 
 >>> from schemas.decode import decode
 >>> idx = FeatureIndex()
->>> d = decode([b'{"schema_version":1,"event_id":"e1","ts":1,"model_id":"m","api_key_id":"k",'
+>>> d = decode([b'{"schema_version":1,"event_id":"e1","ts":1767225600000,"model_id":"m",'
+...             b'"api_key_id":"k",'
 ...             b'"input":{"features":{"b":2,"a":1}},"output":{"scores":{"yes":0.9,"no":0.1}}}'])
 >>> view = route(d.batch, idx)["m"]
 >>> view.feature_names, view.features.tolist(), view.score_labels

@@ -449,6 +449,10 @@ def row_view(b: EventBatch, i: int) -> dict[str, Any]:
     return row
 
 
+def int_if_integral(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
 def expected_view(ev: dict[str, Any]) -> dict[str, Any]:
     """The naive row-at-a-time reading of one valid event."""
     inp, out = ev.get("input") or {}, ev.get("output") or {}
@@ -469,7 +473,7 @@ def expected_view(ev: dict[str, Any]) -> dict[str, Any]:
         "api_key_id": ev["api_key_id"],
         "tenant": ev.get("tenant") or "",
         "prompt": prompt,
-        "output_label": "" if out.get("label") is None else str(out["label"]),
+        "output_label": "" if out.get("label") is None else str(int_if_integral(out["label"])),
         "output_text": out.get("text") or "",
         "ground_truth": "" if truth is None else str(truth),
         "attributes": ""
@@ -480,7 +484,7 @@ def expected_view(ev: dict[str, Any]) -> dict[str, Any]:
             separators=(",", ":"),
             ensure_ascii=False,
         ),
-        "ts_ms": ts,
+        "ts_ms": int(ts),
         "status": 200 if ev.get("status") is None else ev["status"],
         "tokens_in": -1 if ev.get("tokens_in") is None else ev["tokens_in"],
         "latency_ms": None if ev.get("latency_ms") is None else float(ev["latency_ms"]),
@@ -493,16 +497,43 @@ def expected_view(ev: dict[str, Any]) -> dict[str, Any]:
 
 
 bad_messages = st.sampled_from(
-    [b"", b"{", b"[]", b'{"a":1,"a":2}', b'{"schema_version":1,"x":NaN}', enc(event(0, ts="now"))]
+    [
+        b"",
+        b"{",
+        b"[]",
+        b'{"a":1,"a":2}',
+        b'{"schema_version":1,"x":NaN}',
+        enc(event(0, ts="now")),
+        enc(event(0, status=math.nan)),
+        enc(event(0, api_key_id=5)),
+        enc(event(0, extra=None)),
+        enc(event(0)) + b" " + enc(event(1)),
+        enc(event(0, input={"vector": [1, None]})),
+    ]
+)
+# valid, but not what the fast path reads at its first attempt
+odd_events = st.sampled_from(
+    [
+        event(0, status=200.0, schema_version=1.0, output={"label": 2.0}),
+        event(1, ts=float(TS_MS)),
+        event(2, input={"features": {"amount": "high", "new": 1}}),
+        event(3, ts=TS_MS, ground_truth="yes"),
+    ]
+)
+encodings = st.sampled_from(
+    [
+        lambda ev: json.dumps(ev).encode(),
+        lambda ev: json.dumps(ev, ensure_ascii=False).encode(),
+        lambda ev: json.dumps(ev, indent=1).encode(),
+        lambda ev: b" \r\n" + json.dumps(ev, ensure_ascii=False, separators=(",", ":")).encode(),
+    ]
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(events, min_size=1, max_size=8), st.lists(bad_messages, max_size=3), st.data())
-def test_decode_rows_match_a_naive_reference_in_any_batch(
+def check_rows_against_reference(
     evs: list[dict[str, Any]], bad: list[bytes], data: st.DataObject
 ) -> None:
-    messages = [json.dumps(ev, ensure_ascii=data.draw(st.booleans())).encode() for ev in evs]
+    messages = [data.draw(encodings)(ev) for ev in evs]
     slots = sorted(
         data.draw(st.lists(st.integers(0, len(messages)), min_size=len(bad), max_size=len(bad)))
     )
@@ -514,6 +545,32 @@ def test_decode_rows_match_a_naive_reference_in_any_batch(
     assert d.rows.tolist() == [i for i in range(len(messages)) if i not in bad_at]
     for row, ev in enumerate(evs):
         assert row_view(d.batch, row) == expected_view(ev)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(events, min_size=1, max_size=8), st.lists(bad_messages, max_size=3), st.data())
+def test_decode_rows_match_a_naive_reference_in_any_batch(
+    evs: list[dict[str, Any]], bad: list[bytes], data: st.DataObject
+) -> None:
+    check_rows_against_reference(evs, bad, data)
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(
+    st.lists(st.one_of(events, odd_events), min_size=40, max_size=120),
+    st.lists(bad_messages, max_size=12),
+    st.data(),
+)
+def test_decode_rows_match_a_naive_reference_in_large_batches(
+    evs: list[dict[str, Any]], bad: list[bytes], data: st.DataObject
+) -> None:
+    # past the sizes where a refused block is checked message by message: scans, splits, and
+    # canonical passes grouped by type
+    check_rows_against_reference(evs, bad, data)
 
 
 def mutate(raw: bytes, edits: list[tuple[int, bytes]]) -> bytes:
