@@ -155,19 +155,24 @@ def _emit(rows: list[dict[str, Any]], fmt: Format, columns: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(show_lines=False)
+    table = Table(show_lines=False, box=None, header_style="bold")
     for col in columns:
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for row in rows:
         table.add_row(*(_cell(row[c]) for c in columns))
-    Console().print(table)
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    console.print(table)
     if not rows:
         typer.echo("(none)")
 
 
 def _cell(value: Any) -> str:
+    import datetime as dt
+
     import orjson
 
+    if isinstance(value, dt.datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
     if isinstance(value, dict | list):
         return orjson.dumps(value, default=str).decode()
     return "" if value is None else str(value)
@@ -237,7 +242,7 @@ def alerts(
     """Alerts (alert v1), newest first."""
     rows = _query(store, "alerts", since=since, detector=detector, status=status, limit=limit)
     cols = ["ts", "severity", "status", "detector", "model_id", "entity_type", "entity"]
-    _emit(rows, fmt, [*cols, "event_count", "title"])
+    _emit(rows, fmt, [*cols, "event_count", "score"])
 
 
 @app.command()
@@ -282,6 +287,43 @@ def simulate(
         f"wrote {events:,} events to {out} ({len(truth.incidents)} incidents, "
         f"{len(truth.benign_callers)} benign callers); truth in {out.with_suffix('.truth.json')}"
     )
+
+
+@app.command()
+def demo(
+    events: Annotated[int, typer.Option(min=1, help="Simulated events to stream.")] = 100_000,
+    seed: Annotated[int, typer.Option(help="Simulator seed.")] = 7,
+    store: Annotated[
+        str,
+        typer.Option(
+            "--store",
+            help="chdb:DIR (not read from INFERWATCH_STORE: --fresh clears it). The simulated "
+            "traffic and its truth go to DIR/demo/.",
+        ),
+    ] = DEFAULT_STORE,
+    fresh: Annotated[
+        bool,
+        typer.Option(
+            "--fresh/--keep",
+            help="Clear the store directory first (only if empty or an inferwatch store), or "
+            "keep what it holds.",
+        ),
+    ] = True,
+) -> None:
+    """Stream simulated attacks through an embedded Kafka broker into a worker, then score its
+    alerts against the simulator's truth."""
+    from rich.console import Console
+
+    from streams import demo as demo_run
+
+    console = Console(width=None if sys.stdout.isatty() else 120)
+    try:
+        result = demo_run.run(events, seed, store, fresh, console)
+    except demo_run.DemoError as exc:
+        fail(str(exc))
+    demo_run.print_summary(console, result)
+    if result.interrupted:
+        raise typer.Exit(130)
 
 
 @app.command()

@@ -133,6 +133,7 @@ class Worker:
             max_keys=s.max_keys,
         )
         self.counters = Counters()
+        self._alert_ids: set[str] = set()  # episodes seen by this process (few: one per episode)
         self.buffers = Buffers()
         self.hmac_key = hmac_key(store)
         self.stop_requested = threading.Event()
@@ -266,8 +267,7 @@ class Worker:
         now_ms = int(time.time() * 1000)
         for det, change in result.alerts:
             rec = records.alert_record(change, det.name, det.version, det.atlas, det.owasp, now_ms)
-            if rec["alert_id"] not in self.buffers.alerts:
-                c.alerts_total += change.status == "firing" and change.event_count <= 1
+            self._count_alert(rec)
             self.buffers.alerts[rec["alert_id"]] = rec
         if result.metrics:
             self.buffers.add("window_metrics", records.metrics_table(result.metrics))
@@ -275,6 +275,12 @@ class Worker:
         for stage, secs in result.stage_s.items():
             c.stage_s[stage] = c.stage_s.get(stage, 0.0) + secs
         c.stage_s["sink_build"] = c.stage_s.get("sink_build", 0.0) + time.perf_counter() - t0
+
+    def _count_alert(self, rec: dict[str, Any]) -> None:
+        """Count each alert episode once, when this worker first sees it."""
+        if rec["alert_id"] not in self._alert_ids:
+            self._alert_ids.add(rec["alert_id"])
+            self.counters.alerts_total += 1
 
     def _dead_letters(self, result: DetectorResult) -> pa.Table:
         return records.dead_letters_table(
@@ -294,7 +300,7 @@ class Worker:
             # the alert's event time: the last event read on the partition before the gap
             ts = self.pipeline.watermark.max_ts.get(gap.partition, now_ms)
             rec = gap.alert_record(ts, now_ms)
-            self.counters.alerts_total += rec["alert_id"] not in self.buffers.alerts
+            self._count_alert(rec)
             self.buffers.alerts[rec["alert_id"]] = rec
         gaps.clear()
 
