@@ -1,9 +1,16 @@
-"""``drift.psi``: prediction-score drift per model against its version's frozen reference.
+"""``drift.psi``: prediction drift per model and channel against its version's frozen reference.
 
 Choices, and why:
 
+- **Channels, not one score.** A multi-class model's maximum probability hides which class
+  moved: when the share of one class grows at the expense of another, the maximum can stay
+  where it was. So each prediction channel of the reference (``score`` for a 2-class,
+  regression or single-column model, ``score:<class>`` per class and ``label`` for the
+  predicted label of multi-class models, ``label`` for label-only ones;
+  :mod:`detectors.reference`) gets its own PSI. Counts are one ``(channels, bins)`` array per
+  pane, so every channel of every window is computed at once.
 - **Event-time hopping windows.** Each (model, model_version) keeps one histogram per pane
-  (``hop_s`` of event time) on its reference's score bins. A window of ``window_s`` is a sum of
+  (``hop_s`` of event time) on its reference's bins. A window of ``window_s`` is a sum of
   ``window_s / hop_s`` panes, evaluated by ``advance`` once the watermark passes its end, so the
   result does not depend on how events were cut into batches. Events whose pane already closed
   are late: they are not counted (``late_events_total``) and never reopen a window.
@@ -11,50 +18,62 @@ Choices, and why:
   builder consumed (``Reference.last_ts_ms``), and only whole windows are evaluated: live traffic
   is never compared with the events that formed the reference, and an event before the reference
   froze (in arrival order) can never count, whichever batch delivered it.
-- **PSI** = Σ (c − r)·ln(c / r) over the reference's bins, proportions clipped below at 1e-4 so
-  an empty bin is finite. 0.1 is a moderate and 0.25 (the default threshold) a significant shift.
-- **Episodes, one per model.** A window with at least ``min_events`` events and PSI ≥
-  ``threshold`` opens an episode (an alert at the window's end); the episode resolves after
+- **PSI** = Σ (c − r)·ln(c / r) over a channel's bins, proportions clipped below at 1e-4 so an
+  empty bin is finite. 0.1 is a moderate and 0.25 (the default threshold) a significant shift.
+- **Metric rows.** Every window emits one ``psi_prediction`` row per channel that has events in
+  it. ``feature`` is the channel's name, followed by ``@<model_version>`` when the events carry
+  a version (``score:high@7.1.0``; ``score`` for an unversioned 2-class model). So two versions
+  of a model in one window never write the same row (``window_metrics`` keys rows by model,
+  detector, metric, feature and window), and a series keeps its name whatever else ran.
+- **Episodes, one per model.** A window's decision value is its largest channel PSI among the
+  channels with at least ``min_events`` events. A value ≥ ``threshold`` opens an episode (an
+  alert at the window's end, whose evidence names that channel, ranks the others and compares
+  that channel's proportions and quantiles with the reference); the episode resolves after
   ``clear_windows`` consecutive windows below ``0.8 × threshold`` (hysteresis, so a PSI hovering
-  around the threshold does not flap). Windows with fewer than ``min_events`` events are
+  around the threshold does not flap). Windows in which no channel has ``min_events`` events are
   inconclusive: they neither open nor clear an episode. When a model runs several versions their
   windows are read in (window end, version) order and any of them can open or hold the episode.
-- **State** is model-level and small: a few panes per version plus the episodes; ``snapshot``
-  saves all of it as JSON when it changed (``None`` otherwise).
+- **State** is model-level and small: a few panes per version, each at most 33 channels by the
+  reference's bins (:data:`detectors.reference.MAX_CLASS_CHANNELS`), plus the episodes;
+  ``snapshot`` saves all of it as JSON when it changed (``None`` otherwise).
+
+A 3-class model whose class mix shifts towards "high":
 
 >>> import dataclasses
 >>> from detectors.base import DetectorInput, KeySpace
 >>> from detectors.reference import ReferenceStore
 >>> from detectors.routing import ModelView
 >>> from schemas.batch import empty_batch
->>> def batch(ts_ms, p_yes):
+>>> labels = ("low", "mid", "high")
+>>> def batch(ts_ms, mean):
 ...     n, obj = len(ts_ms), lambda v: np.full(len(ts_ms), v, dtype=object)
+...     scores = rng.dirichlet(3 * np.asarray(mean), n)
 ...     b = dataclasses.replace(
 ...         empty_batch(), event_id=obj("e"), ts_ms=np.asarray(ts_ms, np.int64),
 ...         model_id=obj("m"), model_version=obj("v1"), status=np.full(n, 200, np.int32),
 ...         api_key_id=np.arange(n).astype(str).astype(object), output_label=obj(""),
-...         output_value=np.full(n, np.nan), score_labels=("no", "yes"),
-...         scores=np.column_stack([1 - p_yes, p_yes]))
-...     return b, {"m": ModelView("m", np.arange(n), (), (), np.zeros((n, 0)), ("no", "yes"),
-...                               b.scores)}
+...         output_value=np.full(n, np.nan), score_labels=labels, scores=scores)
+...     return b, {"m": ModelView("m", np.arange(n), (), (), np.zeros((n, 0)), labels, scores)}
 >>> rng = np.random.default_rng(7)
 >>> store, psi = ReferenceStore(n_events=1000), PSI()
->>> b, views = batch(np.arange(1000) * 50, rng.beta(2, 5, 1000))  # the first 50 s
->>> [(r.score_type, r.positive_label) for r in store.update(b, views)]
-[('probability', 'yes')]
->>> b, views = batch(60_000 + np.arange(1200) * 500, rng.beta(5, 2, 1200))  # then it shifts
+>>> b, views = batch(np.arange(1000) * 50, (0.5, 0.32, 0.18))  # the first 50 s
+>>> [(r.score_type, r.channels) for r in store.update(b, views)]
+[('probability', ('score:low', 'score:mid', 'score:high', 'label'))]
+>>> b, views = batch(60_000 + np.arange(1200) * 500, (0.35, 0.24, 0.41))  # then it shifts
 >>> psi.update(DetectorInput(b, {}, KeySpace(), 0, views, store.frozen()))
 Output(findings=(), alerts=(), metrics=())
 >>> out = psi.advance(660_000)  # closes the first window, [60 s, 660 s)
->>> [(m.metric, m.window_start_ms, m.event_count, m.value > 0.25) for m in out.metrics]
-[('psi_prediction', 60000, 1200, True)]
->>> [(a.status, a.entity_type, a.entity, a.ts_ms, a.severity) for a in out.alerts]
-[('firing', 'model', 'm', 660000, 'high')]
+>>> [(m.feature, m.window_start_ms, m.event_count, m.value > 0.25) for m in out.metrics]
+... # doctest: +NORMALIZE_WHITESPACE
+[('score:low@v1', 60000, 1200, True), ('score:mid@v1', 60000, 1200, False),
+ ('score:high@v1', 60000, 1200, True), ('label@v1', 60000, 1200, True)]
+>>> [(a.status, a.entity, a.ts_ms, a.severity, a.evidence["channel"]) for a in out.alerts]
+[('firing', 'm', 660000, 'high', 'score:high')]
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -73,7 +92,7 @@ from detectors.base import (
     Snapshot,
     WindowMetric,
 )
-from detectors.reference import Reference, score_bins
+from detectors.reference import LABEL_CHANNEL, Channels, Reference
 from detectors.registry import register
 from schemas.batch import EventBatch
 
@@ -81,19 +100,28 @@ EPSILON = 1e-4  # floor on bin proportions
 CLEAR_FACTOR = 0.8  # a window clears an episode below CLEAR_FACTOR * threshold
 QUANTILES = (0.1, 0.5, 0.9)
 METRIC = "psi_prediction"
+TOP_CHANNELS = 5  # channels ranked in an alert's evidence
+
+
+def psi_rows(reference_counts: I64, current_counts: I64, epsilon: float = EPSILON) -> F64:
+    """PSI of each histogram in ``current_counts`` (..., channels, bins) against the matching
+    row of ``reference_counts`` (channels, bins); NaN for a histogram without events."""
+    r = np.maximum(reference_counts / reference_counts.sum(axis=-1, keepdims=True), epsilon)
+    total = current_counts.sum(axis=-1, keepdims=True)
+    c = np.maximum(current_counts / np.maximum(total, 1), epsilon)
+    value = np.sum((c - r) * np.log(c / r), axis=-1)
+    return np.where(total[..., 0] > 0, value, np.nan)
 
 
 def psi(reference_counts: I64, current_counts: I64, epsilon: float = EPSILON) -> float:
-    """Population stability index of ``current_counts`` against ``reference_counts``.
+    """Population stability index of one histogram against another.
 
     >>> round(psi(np.array([50, 50]), np.array([50, 50])), 6)
     0.0
     >>> round(psi(np.array([50, 50]), np.array([90, 10])), 4)
     0.8789
     """
-    r = np.maximum(reference_counts / reference_counts.sum(), epsilon)
-    c = np.maximum(current_counts / current_counts.sum(), epsilon)
-    return float(np.sum((c - r) * np.log(c / r)))
+    return float(psi_rows(reference_counts[None], current_counts[None], epsilon)[0])
 
 
 def bin_quantiles(counts: I64, edges: F64, lo: float, hi: float) -> dict[str, float]:
@@ -108,99 +136,148 @@ def bin_quantiles(counts: I64, edges: F64, lo: float, hi: float) -> dict[str, fl
     }
 
 
+def metric_feature(channel: str, version: str) -> str:
+    """The ``feature`` of a metric row (module doc).
+
+    >>> metric_feature("score:high", "7.1.0"), metric_feature("score", "")
+    ('score:high@7.1.0', 'score')
+    """
+    return f"{channel}@{version}" if version else channel
+
+
 @dataclass(slots=True)
 class _Track:
-    """One (model, version): its reference's bins and its open panes (sorted by pane)."""
+    """One (model, version): its reference's channels and bins, and its open panes."""
 
-    score_type: str
-    positive_label: str
-    edges: F64
-    categories: tuple[str, ...]
-    ref_counts: I64
-    ref_range: F64  # (min, max) of the reference's scores
+    layout: Channels
+    ref_counts: I64  # (channels, bins)
+    ref_range: F64  # (channels, 2): min and max of the reference's values
     start_h: int  # first pane counted, in hops since the epoch
-    pane_ids: I64
-    counts: I64  # (panes, bins)
-    lo: F64  # per pane, min score (NaN for label-only)
+    pane_ids: I64  # sorted
+    counts: I64  # (panes, channels, bins)
+    lo: F64  # (panes, channels): min value (NaN for the label channel)
     hi: F64
 
     @classmethod
     def of(cls, ref: Reference, hop_ms: int) -> _Track:
+        n, width = ref.channel_counts.shape
         return cls(
-            ref.score_type,
-            ref.positive_label,
-            np.asarray(ref.score_edges, np.float64),
-            ref.score_categories,
-            np.asarray(ref.score_counts, np.int64),
-            np.asarray(ref.score_range, np.float64),
+            ref.layout,
+            np.asarray(ref.channel_counts, np.int64),
+            np.asarray(ref.channel_range, np.float64),
             ref.last_ts_ms // hop_ms + 1,
             np.zeros(0, np.int64),
-            np.zeros((0, ref.score_counts.size), np.int64),
-            np.zeros(0),
-            np.zeros(0),
+            np.zeros((0, n, width), np.int64),
+            np.zeros((0, n)),
+            np.zeros((0, n)),
         )
 
     def same_bins(self, ref: Reference) -> bool:
-        return (
-            (self.score_type, self.positive_label, self.categories)
-            == (ref.score_type, ref.positive_label, ref.score_categories)
-            and np.array_equal(self.edges, ref.score_edges)
-            and np.array_equal(self.ref_counts, ref.score_counts)
-        )
+        return self.layout.same(ref.layout) and np.array_equal(self.ref_counts, ref.channel_counts)
 
     def add(self, pane: I64, bins: I64, values: F64) -> None:
+        """Count ``bins`` (events, channels; -1 for none) into their panes."""
+        _, n, width = self.counts.shape
         ids = np.union1d(self.pane_ids, pane)
         if ids.size != self.pane_ids.size:
             at = np.searchsorted(ids, self.pane_ids)
-            counts = np.zeros((ids.size, self.ref_counts.size), np.int64)
-            lo, hi = np.full(ids.size, np.nan), np.full(ids.size, np.nan)
+            counts = np.zeros((ids.size, n, width), np.int64)
+            lo, hi = np.full((ids.size, n), np.nan), np.full((ids.size, n), np.nan)
             counts[at], lo[at], hi[at] = self.counts, self.lo, self.hi
             self.pane_ids, self.counts, self.lo, self.hi = ids, counts, lo, hi
-        at = np.searchsorted(self.pane_ids, pane)
-        np.add.at(self.counts, (at, bins), 1)
-        np.fmin.at(self.lo, at, values)
-        np.fmax.at(self.hi, at, values)
+        event, channel = np.nonzero(bins >= 0)
+        at = np.searchsorted(self.pane_ids, pane)[event]
+        flat = (at * n + channel) * width + bins[event, channel]
+        self.counts += np.bincount(flat, minlength=self.counts.size).reshape(self.counts.shape)
+        np.fmin.at(self.lo, (at, channel), values[event, channel])
+        np.fmax.at(self.hi, (at, channel), values[event, channel])
 
     def to_json(self) -> dict[str, Any]:
+        layout = self.layout
         return {
-            name: value.tolist() if isinstance(value, np.ndarray) else value
-            for name, value in ((f.name, getattr(self, f.name)) for f in fields(self))
+            "score_type": layout.score_type,
+            "names": layout.names,
+            "columns": layout.columns,
+            "categories": layout.categories,
+            "class_order": layout.class_order,
+            "edges": layout.edges.tolist(),  # +inf padding becomes null
+            "ref_counts": self.ref_counts.tolist(),
+            "ref_range": self.ref_range.tolist(),
+            "start_h": self.start_h,
+            "pane_ids": self.pane_ids.tolist(),
+            "counts": self.counts.tolist(),
+            "lo": self.lo.tolist(),
+            "hi": self.hi.tolist(),
         }
 
     @classmethod
     def from_json(cls, state: dict[str, Any]) -> _Track:
-        width = len(state["ref_counts"])
-        return cls(
+        ref_counts = np.asarray(state["ref_counts"], np.int64)
+        n, width = ref_counts.shape
+        edges = np.asarray(state["edges"], np.float64).reshape(n, -1)  # JSON null -> NaN
+        layout = Channels(
             state["score_type"],
-            state["positive_label"],
-            np.asarray(state["edges"], np.float64),
+            tuple(state["names"]),
+            tuple(state["columns"]),
             tuple(state["categories"]),
-            np.asarray(state["ref_counts"], np.int64),
-            np.asarray(state["ref_range"], np.float64),  # JSON null -> NaN
+            tuple(state["class_order"]),
+            np.where(np.isnan(edges), np.inf, edges),  # edges are never NaN, padding is +inf
+        )
+        return cls(
+            layout,
+            ref_counts,
+            np.asarray(state["ref_range"], np.float64).reshape(n, 2),
             state["start_h"],
             np.asarray(state["pane_ids"], np.int64),
-            np.asarray(state["counts"], np.int64).reshape(-1, width),
-            np.asarray(state["lo"], np.float64),
-            np.asarray(state["hi"], np.float64),
+            np.asarray(state["counts"], np.int64).reshape(-1, n, width),
+            np.asarray(state["lo"], np.float64).reshape(-1, n),
+            np.asarray(state["hi"], np.float64).reshape(-1, n),
         )
 
 
 @dataclass(frozen=True, slots=True)
 class _Window:
+    """One evaluated window of one (model, version): PSI and events per channel."""
+
     model_id: str
     version: str
     start_ms: int
     end_ms: int
-    value: float
-    events: int
+    channels: tuple[str, ...]
+    psi: F64  # per channel, NaN for a channel without events
+    events: I64  # per channel
+    top: int  # the channel that decides (module doc)
     evidence: dict[str, Any]
+
+    @property
+    def value(self) -> float:
+        return float(self.psi[self.top])
+
+    @property
+    def count(self) -> int:
+        return int(self.events[self.top])
+
+    def metrics(self) -> list[WindowMetric]:
+        return [
+            WindowMetric(
+                self.model_id,
+                METRIC,
+                self.start_ms,
+                self.end_ms,
+                float(self.psi[j]),
+                metric_feature(name, self.version),
+                int(self.events[j]),
+            )
+            for j, name in enumerate(self.channels)
+            if self.events[j] > 0
+        ]
 
 
 @register("drift.psi")
 class PSI(DetectorBase):
-    """Prediction-score PSI per model over event-time windows (module doc)."""
+    """Prediction PSI per model and channel over event-time windows (module doc)."""
 
-    version = "1"
+    version = "2"
     atlas = ()
     owasp = ()
     entity_types = ()
@@ -248,7 +325,7 @@ class PSI(DetectorBase):
         """Nothing keyed to evict: the state is per model."""
 
     def update(self, batch: DetectorInput) -> Output:
-        """Count each event's score bin into its pane; windows close only in ``advance``."""
+        """Count each event's channel bins into its pane; windows close only in ``advance``."""
         ev = batch.events
         if ev.n == 0 or not batch.references:
             return EMPTY
@@ -259,7 +336,7 @@ class PSI(DetectorBase):
         for g in np.unique(group[ok]).tolist():
             key = (str(models[g // versions.size]), str(versions[g % versions.size]))
             ref = batch.references.get(key)
-            if ref is None or ref.score_counts.size == 0 or ref.score_counts.sum() == 0:
+            if ref is None or not ref.channels:
                 continue
             track = self._tracks.get(key)
             if track is None or not track.same_bins(ref):
@@ -269,11 +346,9 @@ class PSI(DetectorBase):
         return EMPTY
 
     def _count(self, track: _Track, ev: EventBatch, rows: I64) -> None:
-        bins, values = score_bins(
-            track.score_type, track.positive_label, track.edges, track.categories, ev, rows
-        )
+        bins, values = track.layout.of(ev, rows)
         pane = ev.ts_ms[rows] // self._hop_ms
-        keep = (bins >= 0) & (pane >= track.start_h)
+        keep = (bins >= 0).any(axis=1) & (pane >= track.start_h)
         if self._closed_h is not None:
             late = keep & (pane < self._closed_h)
             self.late_events_total += int(late.sum())
@@ -299,17 +374,15 @@ class PSI(DetectorBase):
             track.pane_ids, track.counts = track.pane_ids[keep], track.counts[keep]
             track.lo, track.hi = track.lo[keep], track.hi[keep]
         windows.sort(key=lambda w: (w.model_id, w.end_ms, w.version))
-        metrics = tuple(
-            WindowMetric(w.model_id, METRIC, w.start_ms, w.end_ms, w.value, "", w.events)
-            for w in windows
-        )
+        metrics = tuple(m for w in windows for m in w.metrics())
         alerts = [a for w in windows if (a := self._episode(w)) is not None]
         return Output(alerts=tuple(alerts), metrics=metrics)
 
     def _windows(
         self, key: tuple[str, str], track: _Track, prev: int | None, closed: int
     ) -> list[_Window]:
-        """Windows ending in (prev, closed] hops that hold at least one event."""
+        """Windows ending in (prev, closed] hops that hold at least one event, all channels of
+        all of them at once."""
         if track.pane_ids.size == 0:
             return []
         w = self._panes
@@ -317,53 +390,89 @@ class PSI(DetectorBase):
         ends = ends[(ends <= closed) & (ends - w >= track.start_h)]
         if prev is not None:
             ends = ends[ends > prev]
-        cum = np.vstack([np.zeros((1, track.ref_counts.size), np.int64), track.counts.cumsum(0)])
+        zero = np.zeros((1, *track.counts.shape[1:]), np.int64)
+        cum = np.concatenate([zero, track.counts.cumsum(axis=0)])
+        first = np.searchsorted(track.pane_ids, ends - w)
+        last = np.searchsorted(track.pane_ids, ends)
+        current = cum[last] - cum[first]  # (windows, channels, bins)
+        values = psi_rows(track.ref_counts, current)
+        events = current.sum(axis=2)
         out: list[_Window] = []
-        for end in ends.tolist():
-            a, z = np.searchsorted(track.pane_ids, [end - w, end])
-            current = cum[z] - cum[a]
-            lo, hi = float(np.fmin.reduce(track.lo[a:z])), float(np.fmax.reduce(track.hi[a:z]))
-            value = psi(track.ref_counts, current)
+        for i, end in enumerate(ends.tolist()):
+            top = self._top(values[i], events[i])
+            a, z = first[i], last[i]
+            lo = float(np.fmin.reduce(track.lo[a:z, top]))
+            hi = float(np.fmax.reduce(track.hi[a:z, top]))
             out.append(
                 _Window(
                     key[0],
                     key[1],
                     (end - w) * self._hop_ms,
                     end * self._hop_ms,
-                    value,
-                    int(current.sum()),
-                    self._evidence(track, current, value, lo, hi),
+                    track.layout.names,
+                    values[i],
+                    events[i],
+                    top,
+                    self._evidence(track, current[i], values[i], events[i], top, (lo, hi)),
                 )
             )
         return out
 
+    def _top(self, values: F64, events: I64) -> int:
+        """The deciding channel: the largest PSI among channels with ``min_events`` events, or
+        among those with any when none has (an inconclusive window)."""
+        pool = events >= self.min_events
+        if not pool.any():
+            pool = events > 0
+        return int(np.argmax(np.where(pool, values, -np.inf)))
+
     def _evidence(
-        self, track: _Track, current: I64, value: float, lo: float, hi: float
+        self,
+        track: _Track,
+        current: I64,
+        values: F64,
+        events: I64,
+        top: int,
+        lo_hi: tuple[float, float],
     ) -> dict[str, Any]:
-        ref_p = track.ref_counts / track.ref_counts.sum()
-        cur_p = current / current.sum()
-        if track.categories or track.score_type == "label_only":
-            bins: list[Any] = [*track.categories, "(unseen)"]
+        layout = track.layout
+        width = int(layout.widths()[top])
+        ref, cur = track.ref_counts[top, :width], current[top, :width]
+        edges = layout.edges[top, : width - 1]
+        if layout.names[top] == LABEL_CHANNEL:
+            bins: list[Any] = [*layout.categories, "(other)"]
+            ref_q: dict[str, float] = {}
+            cur_q: dict[str, float] = {}
         else:
-            bins = [round(float(e), 6) for e in track.edges]
+            bins = [round(float(e), 6) for e in edges]
+            ref_q = bin_quantiles(ref, edges, *track.ref_range[top].tolist())
+            cur_q = bin_quantiles(cur, edges, *lo_hi)
+        ranked = sorted(np.flatnonzero(events > 0).tolist(), key=lambda j: (-values[j], j))
         return {
-            "psi": round(value, 6),
+            "psi": round(float(values[top]), 6),
             "threshold": self.threshold,
-            "score_type": track.score_type,
-            "bins": bins,  # label-only: one label per bin; else interior edges, (a, b] bins
-            "reference_proportions": [round(float(p), 6) for p in ref_p],
-            "current_proportions": [round(float(p), 6) for p in cur_p],
-            "reference_events": int(track.ref_counts.sum()),
-            "reference_quantiles": bin_quantiles(
-                track.ref_counts, track.edges, *track.ref_range.tolist()
-            ),
-            "current_quantiles": bin_quantiles(current, track.edges, lo, hi),
+            "score_type": layout.score_type,
+            "channel": layout.names[top],
+            "top_channels": [
+                {
+                    "channel": layout.names[j],
+                    "psi": round(float(values[j]), 6),
+                    "events": int(events[j]),
+                }
+                for j in ranked[:TOP_CHANNELS]
+            ],
+            "bins": bins,  # label channel: one label per bin; else interior edges, (a, b] bins
+            "reference_proportions": [round(float(p), 6) for p in ref / ref.sum()],
+            "current_proportions": [round(float(p), 6) for p in cur / cur.sum()],
+            "reference_events": int(ref.sum()),
+            "reference_quantiles": ref_q,
+            "current_quantiles": cur_q,
             "quantile_method": "interpolated within the PSI bins",
         }
 
     def _episode(self, w: _Window) -> AlertChange | None:
         """Open, hold or resolve the model's episode with one conclusive window."""
-        if w.events < self.min_events:
+        if w.count < self.min_events:
             return None
         ep = self._episodes.get(w.model_id)
         if w.value >= self.threshold:
@@ -384,16 +493,18 @@ class PSI(DetectorBase):
 
     def _alert(self, w: _Window, ep: dict[str, Any], status: str) -> AlertChange:
         version = f" version {w.version}" if w.version else ""
+        channel = w.channels[w.top]
         if status == "firing":
             summary = (
-                f"Prediction-score PSI {w.value:.3f} >= {self.threshold} for {w.model_id}"
-                f"{version} over {w.events} events in [{w.start_ms}, {w.end_ms}) ms"
+                f"Prediction PSI {w.value:.3f} on {channel} >= {self.threshold} for "
+                f"{w.model_id}{version} over {w.count} events in [{w.start_ms}, {w.end_ms}) ms"
             )
             evidence = w.evidence
         else:
             summary = (
-                f"Prediction-score PSI of {w.model_id} below {CLEAR_FACTOR * self.threshold:.3f}"
-                f" for {self.clear_windows} consecutive windows (last: {w.value:.3f})"
+                f"Largest prediction PSI of {w.model_id} below "
+                f"{CLEAR_FACTOR * self.threshold:.3f} for {self.clear_windows} consecutive "
+                f"windows (last: {w.value:.3f} on {channel})"
             )
             evidence = {**w.evidence, "clear_below": CLEAR_FACTOR * self.threshold}
         return AlertChange(
@@ -412,7 +523,7 @@ class PSI(DetectorBase):
             title=f"Prediction drift on {w.model_id}",
             summary=summary,
             evidence={**evidence, "model_version": w.version, "window_end_ms": w.end_ms},
-            event_count=w.events,
+            event_count=w.count,
             sample_event_ids=(),
         )
 
@@ -435,6 +546,8 @@ class PSI(DetectorBase):
         state = orjson.loads(snapshot.model)
         self.late_events_total = state["late_events_total"]
         self._closed_h = state["closed_h"]
-        self._tracks = {(m, v): _Track.from_json(t) for m, v, t in state["tracks"]}
+        # a track saved before channels (no "names") is dropped: the next batch rebuilds it from
+        # its reference, losing at most one window of counts
+        self._tracks = {(m, v): _Track.from_json(t) for m, v, t in state["tracks"] if "names" in t}
         self._episodes = state["episodes"]
         self._changed = False

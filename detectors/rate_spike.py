@@ -199,7 +199,12 @@ class RateSpike(DetectorBase):
       for ``history_buckets`` buckets starts cold again: a nightly job must not page daily.
 
     Why: callers differ by orders of magnitude, so one fixed count per key is useless; an EWMA
-    costs a few numbers per key and follows slow growth.
+    costs a few numbers per key and follows slow growth. The history spans six hours
+    (``history_buckets`` 360) so that callers that burst on a schedule (every 15 minutes, say)
+    carry their bursts in their variance; a shorter memory forgets the last burst before the
+    next one and pages on an honest batch job. ``min_count`` 10 per minute is the smallest
+    spike worth a page: a key that sends one call every two minutes and then ten a minute is
+    a 20-fold jump that no honest variance explains (Poisson tail below 1e-8).
 
     Each event whose running count exceeds its bucket's threshold is a finding (``rate_spike``,
     score ``count / threshold``; flagged for both its key and its IP: one finding, the higher
@@ -209,8 +214,8 @@ class RateSpike(DetectorBase):
     into it. The population clock (largest bucket seen) moves in arrival order, so the same
     events in the same order give the same output however they are cut into batches.
 
-    Parameters: ``bucket_s`` (60), ``history_buckets`` (30, EWMA span), ``warmup_buckets`` (5),
-    ``k_sigma`` (6), ``ratio`` (4), ``min_count`` (30 per bucket), ``cold_factor`` (2),
+    Parameters: ``bucket_s`` (60), ``history_buckets`` (360, EWMA span), ``warmup_buckets`` (5),
+    ``k_sigma`` (6), ``ratio`` (4), ``min_count`` (10 per bucket), ``cold_factor`` (2),
     ``min_population`` (20).
 
     >>> import dataclasses
@@ -246,11 +251,11 @@ class RateSpike(DetectorBase):
     def __init__(
         self,
         bucket_s: int = 60,
-        history_buckets: int = 30,
+        history_buckets: int = 360,
         warmup_buckets: int = 5,
         k_sigma: float = 6.0,
         ratio: float = 4.0,
-        min_count: int = 30,
+        min_count: int = 10,
         cold_factor: float = 2.0,
         min_population: float = 20.0,
     ) -> None:
@@ -525,7 +530,6 @@ class RateSpike(DetectorBase):
     ) -> tuple[F64, F64, I64, F64]:
         """History and threshold of every run. A key's runs depend on each other, so go level
         by level (a key's first bucket of the batch, its second, ...), all keys at once."""
-        nrun = rank.size
         r_mean = cols["mean"][run_slot]
         r_var = cols["var"][run_slot]
         r_n = cols["n_buckets"][run_slot]
@@ -538,15 +542,13 @@ class RateSpike(DetectorBase):
             if r.size == 0:
                 continue
             src = r if level == 0 else r - 1
-            m, v, k = r_mean[src], r_var[src], r_n[src]
+            m, v, k = r_mean[src], r_var[src], r_n[src]  # copies: fancy indexing
             f = has_prev[r]
             if f.any():
                 fm, fv, fk = self._fold(m[f], v[f], k[f], p_c[r][f], run_b[r][f] - p_b[r][f])
-                m, v, k = m.copy(), v.copy(), k.copy()
                 m[f], v[f], k[f] = fm, fv, fk
             r_mean[r], r_var[r], r_n[r] = m, v, k
             r_thr[r] = self._threshold(m, v, k, high[r])
-        assert r_thr.size == nrun
         return r_mean, r_var, r_n, r_thr
 
     # -- episodes ----------------------------------------------------------------------------

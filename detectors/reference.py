@@ -16,19 +16,33 @@ events are skipped, not counted. A builder freezes at whichever comes first:
   holds what it has, and ``capped_callers`` names the callers that hit the cap, so an operator
   can judge it and replace it (:meth:`ReferenceStore.add`).
 
-**Prediction score**, one number per event: the probability of the positive class for 2-class
-probability models (a label named 1/true/yes/positive/pos if exactly one is, else the last
-label), the maximum probability for other probability models, the maximum logit for logits, the
-output value for regression. Label-only models use the distribution of ``output.label`` instead
-(one bin per reference label, and a last bin for labels the reference never saw). ``llm`` models
-have no prediction score. The score type comes from the model inventory (``score_types``); when
-it is silent it is inferred from the accepted events: scores all in [0, 1] whose rows sum to 1
-within 1e-3 (or a single score label) are probabilities, other scores logits; no scores but an
-output value means regression; otherwise label-only.
+**Prediction channels.** A model's predictions are watched as channels, each one value per
+event (:class:`Channels`), so that a shift between classes cannot hide in one summary number:
 
-**Bins.** Numeric features and the score get ``bins`` bins with edges at the reference's
+- probability models with 3 or more classes, and logit models with 2 or more: one channel per
+  class, ``score:<label>`` (that class's probability or logit, one-vs-rest), and ``label``, the
+  predicted label (the class with the highest score; a tie goes to the class listed first in
+  ``score_labels``);
+- 2-class probability models: ``score``, the positive class's probability (a label named
+  1/true/yes/positive/pos if exactly one is, else the last label); a single probability or
+  logit column: ``score``, that column; regression: ``score``, the output value;
+- label-only models: ``label``, the distribution of ``output.label``; ``llm`` models: none.
+
+At most ``MAX_CLASS_CHANNELS`` (32) classes get a channel, so the state per window stays small
+for a model with hundreds of classes: those the reference predicts most often (ties: the first
+in ``score_labels``). The ``label`` channel's last bin counts every other label: classes without
+a channel, and labels the reference never saw. A channel the reference has no value for is
+dropped. The score type comes from the model inventory (``score_types``); when it is silent it
+is inferred from the accepted events: scores all in [0, 1] whose rows sum to 1 within 1e-3 (or a
+single score label) are probabilities, other scores logits; no scores but an output value means
+regression; otherwise label-only.
+
+**Bins.** Numeric features and numeric channels get ``bins`` bins with edges at the reference's
 quantiles, duplicates removed; bins are right-closed and the outer ones open-ended, so bin ``i``
-is ``(edges[i-1], edges[i]]``. Categorical features keep their category-code counts.
+is ``(edges[i-1], edges[i]]``. The ``label`` channel's value is its category's bin number, so its
+edges are the half-integers between them. Channel histograms are one ``(channels, bins)`` array:
+a channel with fewer bins is padded with ``+inf`` edges and zero counts (a padded bin adds
+exactly 0 to a PSI). Categorical features keep their category-code counts.
 
 Determinism: the same events in the same order give the same reference bytes, however they are
 split into batches (feature and label columns are trimmed to those the accepted rows use).
@@ -55,25 +69,12 @@ I64 = npt.NDArray[np.int64]
 StrArray = npt.NDArray[np.object_]
 
 SCORE_TYPES = ("probability", "logit", "label_only", "regression", "llm")
+LABEL_CHANNEL = "label"
+MAX_CLASS_CHANNELS = 32
+FORMAT = 2  # 1: one prediction score per event (the maximum probability of multi-class models)
 _POSITIVE = frozenset({"1", "true", "yes", "positive", "pos"})
 _RAGGED = {"feature_edges": np.float64, "feature_codes": np.int64, "feature_counts": np.int64}
 _NO_TS = -(2**63)
-
-
-def prediction_score(
-    score_type: str, positive_label: str, labels: tuple[str, ...], scores: F64, values: F64
-) -> F64:
-    """The prediction score of each row (NaN where it has none); ``labels`` name ``scores``."""
-    n = values.shape[0]
-    if score_type == "regression":
-        return values.astype(np.float64, copy=True)
-    if score_type not in ("probability", "logit") or scores.shape[1] == 0:
-        return np.full(n, np.nan)
-    if positive_label:
-        if positive_label not in labels:
-            return np.full(n, np.nan)
-        return scores[:, labels.index(positive_label)].astype(np.float64, copy=True)
-    return np.asarray(np.fmax.reduce(scores, axis=1), np.float64)  # fmax: NaN only if all NaN
 
 
 def label_bins(categories: tuple[str, ...], labels: StrArray) -> I64:
@@ -87,27 +88,88 @@ def label_bins(categories: tuple[str, ...], labels: StrArray) -> I64:
     return np.asarray(codes, np.int64)[inverse]
 
 
-def score_bins(
-    score_type: str,
-    positive_label: str,
-    edges: F64,
-    categories: tuple[str, ...],
-    batch: EventBatch,
-    rows: I64,
-) -> tuple[I64, F64]:
-    """Bin of the prediction score of ``rows`` of ``batch`` (-1 for none), and the score itself
-    (NaN for label-only models)."""
-    if score_type in ("label_only", "llm"):
-        bins = label_bins(categories, batch.output_label[rows])
-        if score_type == "llm":
-            bins[:] = -1
-        return bins, np.full(rows.size, np.nan)
-    values = prediction_score(
-        score_type, positive_label, batch.score_labels, batch.scores[rows], batch.output_value[rows]
-    )
-    bins = np.searchsorted(edges, values, side="left").astype(np.int64)
-    bins[np.isnan(values)] = -1
-    return bins, values
+@dataclass(frozen=True, eq=False)
+class Channels:
+    """How the events of one model version become prediction channels, and their bins.
+
+    >>> ch = Channels("probability", ("score:a", "score:b", "label"), ("a", "b", ""),
+    ...               ("a", "b"), ("a", "b"), np.array([[0.5, np.inf], [0.5, np.inf], [0.5, 1.5]]))
+    >>> x = ch.values(("b", "a"), np.array([[0.3, 0.7], [0.5, 0.5], [0.9, np.nan]]),
+    ...               np.full(3, np.nan), np.array(["", "", ""], object))
+    >>> x.tolist()  # ties go to the first class; b's score alone names b
+    [[0.7, 0.3, 0.0], [0.5, 0.5, 0.0], [nan, 0.9, 1.0]]
+    >>> ch.bins(x).tolist(), ch.widths().tolist()
+    ([[1, 0, 0], [0, 0, 0], [-1, 1, 1]], [2, 2, 3])
+    """
+
+    score_type: str
+    names: tuple[str, ...]
+    columns: tuple[str, ...]  # the score label a channel reads; "" for the output value or label
+    categories: tuple[str, ...]  # the label channel's bins, then one for any other label
+    class_order: tuple[str, ...]  # the reference's score labels: argmax ties go to the first
+    edges: F64  # (channels, width) interior edges, +inf padding
+
+    def values(
+        self, score_labels: tuple[str, ...], scores: F64, output_value: F64, output_label: StrArray
+    ) -> F64:
+        """(rows, channels): each channel's value, the label channel's its bin; NaN for none.
+        ``score_labels`` name the columns of ``scores``."""
+        out = np.full((output_value.shape[0], len(self.names)), np.nan)
+        for j, (name, column) in enumerate(zip(self.names, self.columns, strict=True)):
+            if name == LABEL_CHANNEL:
+                bins = (
+                    label_bins(self.categories, output_label)
+                    if self.score_type == "label_only"
+                    else self._argmax_bins(score_labels, scores)
+                )
+                out[:, j] = np.where(bins >= 0, bins, np.nan)
+            elif column == "":
+                out[:, j] = output_value
+            elif column in score_labels:
+                out[:, j] = scores[:, score_labels.index(column)]
+        return out
+
+    def _argmax_bins(self, score_labels: tuple[str, ...], scores: F64) -> I64:
+        rank = {c: i for i, c in enumerate(self.class_order)}
+        order = sorted(
+            range(len(score_labels)), key=lambda i: (rank.get(score_labels[i], len(rank)), i)
+        )
+        if not order:
+            return np.full(scores.shape[0], -1, np.int64)
+        index = {c: i for i, c in enumerate(self.categories)}
+        code = np.asarray([index.get(score_labels[i], len(self.categories)) for i in order])
+        s = scores[:, order]
+        top = code[np.where(np.isnan(s), -np.inf, s).argmax(axis=1)]
+        return np.where(np.isnan(s).all(axis=1), -1, top).astype(np.int64)
+
+    def bins(self, values: F64) -> I64:
+        """Bin of each value of :meth:`values` (-1 for NaN); one ``searchsorted`` per channel."""
+        out = np.empty(values.shape, np.int64)
+        for j in range(values.shape[1]):
+            out[:, j] = np.searchsorted(self.edges[j], values[:, j], side="left")
+        out[np.isnan(values)] = -1
+        return out
+
+    def of(self, batch: EventBatch, rows: I64) -> tuple[I64, F64]:
+        """Bins (-1 for none) and values of ``rows`` of ``batch``, (rows, channels) each."""
+        values = self.values(
+            batch.score_labels,
+            batch.scores[rows],
+            batch.output_value[rows],
+            batch.output_label[rows],
+        )
+        return self.bins(values), values
+
+    def widths(self) -> I64:
+        """Number of bins of each channel (the rest of its row is padding)."""
+        widths: I64 = np.isfinite(self.edges).sum(axis=1).astype(np.int64) + 1
+        return widths
+
+    def same(self, other: Channels) -> bool:
+        def key(c: Channels) -> tuple[Any, ...]:
+            return (c.score_type, c.names, c.columns, c.categories, c.class_order)
+
+        return key(self) == key(other) and np.array_equal(self.edges, other.edges)
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,11 +188,13 @@ class Reference:
     categorical: tuple[bool, ...]
     sample_features: F32  # (k, len(feature_names)), k <= sample_size, evenly spaced rows
     sample_scores: F32  # (k, len(score_labels))
-    sample_prediction: F32  # (k,) the prediction score; label-only: the label's bin
-    score_edges: F64  # interior edges of the prediction-score bins (numeric score types)
-    score_categories: tuple[str, ...]  # label-only: one bin each, then one for unseen labels
-    score_counts: I64
-    score_range: F64  # (min, max) of the prediction score, NaN when there is none
+    sample_channels: F32  # (k, len(channels)); the label channel as its bin number
+    channels: tuple[str, ...]  # "score", "score:<label>", "label" (module doc)
+    channel_columns: tuple[str, ...]  # the score label each reads; "" output value or label
+    channel_categories: tuple[str, ...]  # the label channel's bins, then one for any other
+    channel_edges: F64  # (channels, width): interior edges, +inf padding
+    channel_counts: I64  # (channels, width + 1): accepted events per bin, zero padding
+    channel_range: F64  # (channels, 2): min and max value, NaN for the label channel
     feature_edges: tuple[F64, ...]  # numeric features; empty for categorical ones
     feature_codes: tuple[I64, ...]  # categorical features: the codes counted; empty otherwise
     feature_counts: tuple[I64, ...]
@@ -153,20 +217,24 @@ class Reference:
 
     __hash__ = None  # type: ignore[assignment]
 
-    def bins_of(self, batch: EventBatch, rows: I64) -> tuple[I64, F64]:
-        """Prediction-score bin (-1 for none) and score of ``rows`` of ``batch``."""
-        return score_bins(
+    @property
+    def layout(self) -> Channels:
+        return Channels(
             self.score_type,
-            self.positive_label,
-            self.score_edges,
-            self.score_categories,
-            batch,
-            rows,
+            self.channels,
+            self.channel_columns,
+            self.channel_categories,
+            self.score_labels,
+            self.channel_edges,
         )
+
+    def bins_of(self, batch: EventBatch, rows: I64) -> tuple[I64, F64]:
+        """Channel bins (-1 for none) and values of ``rows`` of ``batch``, (rows, channels)."""
+        return self.layout.of(batch, rows)
 
     def to_bytes(self) -> bytes:
         """An ``.npz`` archive (no pickle), byte-identical for equal references."""
-        meta: dict[str, Any] = {"format": 1}
+        meta: dict[str, Any] = {"format": FORMAT}
         arrays: dict[str, npt.NDArray[Any]] = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -184,8 +252,14 @@ class Reference:
     def from_bytes(cls, blob: bytes) -> Reference:
         arrays = npz_load(blob)
         meta = orjson.loads(arrays.pop("meta").tobytes())
-        if meta.pop("format") != 1:
-            raise ValueError("unknown reference format; expected 1")
+        found = meta.pop("format")
+        if found != FORMAT:
+            raise ValueError(
+                f"reference of {meta.get('model_id')!r} version {meta.get('model_version')!r} "
+                f"has format {found}, expected {FORMAT} (one histogram per prediction channel); "
+                "format 1 kept one score per event and cannot be converted: delete its row "
+                "from model_references so the version gets a new reference"
+            )
         kwargs: dict[str, Any] = {
             k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()
         }
@@ -228,6 +302,68 @@ def _quantile_edges(values: F64, bins: int) -> F64:
 def _histogram(values: F64, edges: F64) -> I64:
     bins = np.searchsorted(edges, values, side="left")
     return np.bincount(bins, minlength=edges.size + 1).astype(np.int64)
+
+
+def _channel_names(
+    score_type: str, labels: tuple[str, ...], positive: str, scores: F64, output_labels: StrArray
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """Names, columns and label-channel categories of a model's channels (module doc)."""
+    if score_type == "label_only":
+        categories = tuple(sorted(set(output_labels.astype(str).tolist()) - {""}))
+        return (LABEL_CHANNEL,), ("",), categories
+    if score_type == "regression":
+        return ("score",), ("",), ()
+    if score_type not in ("probability", "logit") or not labels:
+        return (), (), ()
+    if len(labels) == 1 or positive:
+        return ("score",), (positive or labels[0],), ()
+    missing = np.isnan(scores)
+    predicted = np.where(missing, -np.inf, scores).argmax(axis=1)[~missing.all(axis=1)]
+    wins = np.bincount(predicted, minlength=len(labels))
+    present = np.flatnonzero(~missing.all(axis=0))
+    kept = np.sort(present[np.lexsort((present, -wins[present]))][:MAX_CLASS_CHANNELS])
+    classes = tuple(labels[i] for i in kept.tolist())
+    return (*(f"score:{c}" for c in classes), LABEL_CHANNEL), (*classes, ""), classes
+
+
+def build_channels(
+    score_type: str,
+    labels: tuple[str, ...],
+    positive: str,
+    scores: F64,
+    values: F64,
+    output_labels: StrArray,
+    bins: int,
+) -> tuple[Channels, I64, F64, F64]:
+    """A reference's channels from its accepted rows: the layout with its bins, the counts per
+    bin ``(channels, bins)``, each channel's (min, max), and each row's values."""
+    names, columns, categories = _channel_names(score_type, labels, positive, scores, output_labels)
+    unbinned = Channels(score_type, names, columns, categories, labels, np.zeros((len(names), 0)))
+    x = unbinned.values(labels, scores, values, output_labels)
+    keep = np.flatnonzero((~np.isnan(x)).any(axis=0)).tolist()  # a channel without values: none
+    names, columns = tuple(names[j] for j in keep), tuple(columns[j] for j in keep)
+    x = x[:, keep]
+    per_channel = [
+        np.arange(len(categories)) + 0.5
+        if name == LABEL_CHANNEL
+        else _quantile_edges(col[np.isfinite(col)], bins)
+        for name, col in zip(names, x.T, strict=True)
+    ]
+    width = max((e.size for e in per_channel), default=0)
+    edges = np.full((len(names), width), np.inf)
+    for j, e in enumerate(per_channel):
+        edges[j, : e.size] = e
+    layout = Channels(score_type, names, columns, categories, labels, edges)
+    binned = layout.bins(x)
+    rows, cols = np.nonzero(binned >= 0)
+    flat = cols * (width + 1) + binned[rows, cols]
+    counts = np.bincount(flat, minlength=len(names) * (width + 1)).reshape(len(names), width + 1)
+    value_range = np.full((len(names), 2), np.nan)
+    numeric = [j for j, name in enumerate(names) if name != LABEL_CHANNEL]
+    if numeric:
+        value_range[numeric, 0] = np.fmin.reduce(x[:, numeric], axis=0)
+        value_range[numeric, 1] = np.fmax.reduce(x[:, numeric], axis=0)
+    return layout, counts.astype(np.int64), value_range, x
 
 
 def infer_score_type(scores: F64, values: F64) -> str:
@@ -389,25 +525,9 @@ class ReferenceStore:
         scores, labels = b.scores[:, :n_labels], b.score_labels[:n_labels]
         score_type = self.score_types.get(key[0]) or infer_score_type(scores, b.values)
         positive = _positive_label(labels) if score_type == "probability" and n_labels == 2 else ""
-        categories: tuple[str, ...] = ()
-        edges = np.zeros(0)
-        if score_type in ("label_only", "llm"):
-            if score_type == "label_only":
-                categories = tuple(sorted(set(b.labels.tolist()) - {""}))
-            bins = label_bins(categories, b.labels.astype(object))
-            prediction = np.where(bins >= 0, bins, np.nan).astype(np.float64)
-            counts = np.bincount(bins[bins >= 0], minlength=len(categories) + 1).astype(np.int64)
-            if score_type == "llm":
-                counts = np.zeros(0, np.int64)
-            score_range = np.full(2, np.nan)
-        else:
-            prediction = prediction_score(score_type, positive, labels, scores, b.values)
-            present = prediction[~np.isnan(prediction)]
-            edges = _quantile_edges(present, self.bins)
-            counts = _histogram(present, edges)
-            score_range = (
-                np.array([present.min(), present.max()]) if present.size else np.full(2, np.nan)
-            )
+        layout, counts, value_range, channel_values = build_channels(
+            score_type, labels, positive, scores, b.values, b.labels.astype(object), self.bins
+        )
         f_edges, f_codes, f_counts, missing = self._feature_histograms(
             features, b.categorical[:width]
         )
@@ -427,11 +547,13 @@ class ReferenceStore:
             categorical=b.categorical[:width],
             sample_features=features[sample].astype(np.float32),
             sample_scores=scores[sample].astype(np.float32),
-            sample_prediction=prediction[sample].astype(np.float32),
-            score_edges=edges,
-            score_categories=categories,
-            score_counts=counts,
-            score_range=score_range,
+            sample_channels=channel_values[sample].astype(np.float32),
+            channels=layout.names,
+            channel_columns=layout.columns,
+            channel_categories=layout.categories,
+            channel_edges=layout.edges,
+            channel_counts=counts,
+            channel_range=value_range,
             feature_edges=f_edges,
             feature_codes=f_codes,
             feature_counts=f_counts,

@@ -58,7 +58,6 @@ from schemas.event_schema import (
     TOP_FIELDS,
     TS_END_MS,
     TS_MIN_MS,
-    TS_PATTERN,
     check_event,
 )
 
@@ -456,38 +455,64 @@ _DAYS_IN_MONTH = np.array([31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31])
 
 
 def ts_text_ms(ts: Column) -> tuple[I64, Bool]:
-    """Epoch ms of RFC 3339 strings (fraction truncated) and whether each one is valid."""
-    parts = pc.extract_regex(ts, TS_PATTERN)
-    ok = _true(parts.is_valid())
-    ms = np.zeros(len(ts), np.int64)
-    if not ok.any():
-        return ms, ok
-    if not ok.all():
-        parts = pc.filter(parts, ok)
-
-    def num(name: str, start: int = 0, stop: int | None = None) -> I64:
-        x = pc.struct_field(parts, name)
-        if start or stop:
-            x = pc.utf8_slice_codeunits(x, start, stop)
-        return np.asarray(pc.cast(x, pa.int64()).to_numpy(), dtype=np.int64)
-
-    y, mo, d, h, mi, s = (num(k) for k in ("y", "mo", "d", "h", "mi", "s"))
-    frac = pc.utf8_rpad(pc.utf8_slice_codeunits(pc.struct_field(parts, "f"), 1, 4), 3, "0")
-    tz = pc.struct_field(parts, "tz")
-    tz = pc.if_else(pc.equal(pc.binary_length(tz), 1), "+00:00", tz)
-    off_h = np.asarray(pc.cast(pc.utf8_slice_codeunits(tz, 1, 3), pa.int64()).to_numpy())
-    off_m = np.asarray(pc.cast(pc.utf8_slice_codeunits(tz, 4, 6), pa.int64()).to_numpy())
-    sign = np.where(_true(pc.starts_with(tz, "-")), -1, 1)
+    """Epoch ms of RFC 3339 strings (fraction truncated) and whether each one is valid: the
+    grammar of :data:`~schemas.event_schema.TS_PATTERN`, on the bytes of the whole column."""
+    arr = ts.combine_chunks() if isinstance(ts, pa.ChunkedArray) else ts
+    n = len(arr)
+    ok = _true(arr.is_valid())
+    if n == 0 or not ok.any():
+        return np.zeros(n, np.int64), ok
+    _, offsets, values = arr.buffers()
+    ends = np.frombuffer(offsets, np.int32, n + 1, arr.offset * 4).astype(np.int64)
+    start, length = ends[:-1], np.diff(ends)
+    # padded so that fixed positions of short or null strings index something
+    data = np.zeros(int(ends[-1]) + 32, np.int64)
+    if ends[-1]:
+        data[: ends[-1]] = np.frombuffer(values, np.uint8, int(ends[-1]))
+    head = data[start[:, None] + np.arange(19)] - ord("0")  # "YYYY-MM-DDTHH:MM:SS"
+    ok &= length >= 20
+    ok &= ((head[:, _HEAD_DIGITS] >= 0) & (head[:, _HEAD_DIGITS] <= 9)).all(axis=1)
+    ok &= (head[:, _HEAD_PUNCT] == _HEAD_PUNCT_CHARS).all(axis=1)
+    ok &= np.isin(head[:, 10] + ord("0"), (ord("T"), ord("t"), ord(" ")))
+    last = data[start + length - 1]
+    zulu = (last == ord("Z")) | (last == ord("z"))
+    tz = data[np.maximum(start + length - 6, 0)[:, None] + np.arange(6)] - ord("0")
+    tz_digits = ((tz[:, [1, 2, 4, 5]] >= 0) & (tz[:, [1, 2, 4, 5]] <= 9)).all(axis=1)
+    signed = np.isin(tz[:, 0] + ord("0"), (ord("+"), ord("-"))) & (tz[:, 3] == ord(":") - 48)
+    ok &= zulu | (tz_digits & signed & (length >= 25))
+    # between the seconds and the offset: nothing, or "." and at least one digit
+    frac_at, frac_end = start + 19, start + length - np.where(zulu, 1, 6)
+    non_digit = np.concatenate(([0], np.cumsum((data < ord("0")) | (data > ord("9")))))
+    digits = frac_end - frac_at - 1
+    has_frac = frac_end > frac_at
+    frac_ok = (data[frac_at] == ord(".")) & (digits >= 1)
+    frac_ok &= non_digit[np.maximum(frac_end, frac_at + 1)] == non_digit[frac_at + 1]
+    ok &= ~has_frac | frac_ok
+    frac_ms = np.zeros(n, np.int64)
+    for k, scale in ((1, 100), (2, 10), (3, 1)):
+        frac_ms += np.where(has_frac & (digits >= k), data[frac_at + k] - ord("0"), 0) * scale
+    y = head[:, 0] * 1000 + head[:, 1] * 100 + head[:, 2] * 10 + head[:, 3]
+    mo, d = head[:, 5] * 10 + head[:, 6], head[:, 8] * 10 + head[:, 9]
+    h, mi, s = (
+        head[:, 11] * 10 + head[:, 12],
+        head[:, 14] * 10 + head[:, 15],
+        head[:, 17] * 10 + head[:, 18],
+    )
+    off_h = np.where(zulu, 0, tz[:, 1] * 10 + tz[:, 2])
+    off_m = np.where(zulu, 0, tz[:, 4] * 10 + tz[:, 5])
+    sign = np.where(tz[:, 0] == ord("-") - 48, -1, 1)
     month = np.clip(mo, 1, 12)
     leap = (y % 4 == 0) & ((y % 100 != 0) | (y % 400 == 0)) & (month == 2)
-    valid = (mo >= 1) & (mo <= 12) & (d >= 1) & (d <= _DAYS_IN_MONTH[month - 1] + leap)
-    valid &= (h < 24) & (mi < 60) & (s < 60) & (off_h < 24) & (off_m < 60)
+    ok &= (mo >= 1) & (mo <= 12) & (d >= 1) & (d <= _DAYS_IN_MONTH[month - 1] + leap)
+    ok &= (h < 24) & (mi < 60) & (s < 60) & (off_h < 24) & (off_m < 60)
     secs = _days_from_civil(y, month, d) * 86400 + h * 3600 + mi * 60 + s
     secs -= sign * (off_h * 60 + off_m) * 60
-    where = np.flatnonzero(ok)
-    ms[where] = secs * 1000 + np.asarray(pc.cast(frac, pa.int64()).to_numpy())
-    ok[where] = valid
-    return ms, ok
+    return np.where(ok, secs * 1000 + frac_ms, 0), ok
+
+
+_HEAD_DIGITS = [0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18]
+_HEAD_PUNCT = [4, 7, 13, 16]
+_HEAD_PUNCT_CHARS = np.array([ord(c) - ord("0") for c in "--::"])
 
 
 def _is_utf8(raw: bytes) -> bool:

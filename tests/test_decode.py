@@ -9,14 +9,15 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from schemas.batch import REJECT_REASONS, Decoded, EventBatch, Limits
-from schemas.decode import decode
-from schemas.event_schema import TS_END_MS, TS_MIN_MS, check_event, load_schema
+from schemas.decode import decode, ts_text_ms
+from schemas.event_schema import TS_END_MS, TS_MIN_MS, check_event, load_schema, parse_ts
 
 TS = "2025-03-01T12:00:00Z"
 TS_MS = 1_740_830_400_000
@@ -607,6 +608,36 @@ def test_decode_never_raises_and_accounts_for_every_message_once(messages: list[
             assert isinstance(reference, dict), (m, reference)
         else:
             assert reference == next((r.reason, r.detail) for r in d.rejects if r.index == i)
+
+
+def edit_text(text: str, edits: list[tuple[int, str]]) -> str:
+    for at, piece in edits:
+        at %= len(text) + 1
+        text = text[:at] + piece + text[at + 1 :]
+    return text
+
+
+ts_like = st.one_of(
+    st.builds(ts_text, moments, st.booleans()),
+    st.builds(
+        edit_text,
+        st.builds(ts_text, moments, st.booleans()),
+        st.lists(st.tuples(st.integers(0, 40), st.sampled_from([*"09-:.+TtZz é", ""])), max_size=2),
+    ),
+    st.text(alphabet="0123456789-:.+Zz T", max_size=32),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.none(), ts_like), max_size=12))
+def test_vectorised_ts_parse_matches_the_reference_parser(texts: list[str | None]) -> None:
+    padded = pa.array(["2025-03-01T12:00:00Z", *texts], pa.string())
+    ms, ok = ts_text_ms(pa.chunked_array([padded.slice(1)], pa.string()))
+    for text, got_ms, got_ok in zip(texts, ms.tolist(), ok.tolist(), strict=True):
+        expected = None if text is None else parse_ts(text)
+        assert got_ok == (expected is not None), text
+        if got_ok:
+            assert got_ms == expected, text
 
 
 # --- the JSON Schema --------------------------------------------------------------------------

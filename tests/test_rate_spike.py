@@ -296,7 +296,8 @@ def test_rate_spike_light_caller_going_20x_fires() -> None:
     ]
     log = Runner(RateSpike()).run(batches_of(calls)).log
     alerts = alerts_for(log, "light")
-    assert alerts and alerts[0].evidence["threshold"] == 30
+    # judged against its own quiet history (about 2 a minute), well below the 40 it sends
+    assert alerts and 10 <= alerts[0].evidence["threshold"] < 20
     assert alerts[0].title == "Request-rate spike on api key light"
 
 

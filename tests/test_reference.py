@@ -10,11 +10,12 @@ from typing import Any
 import conformance as cf
 import numpy as np
 import numpy.typing as npt
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from detectors.reference import Reference, ReferenceStore
+from detectors.reference import MAX_CLASS_CHANNELS, Reference, ReferenceStore, npz_bytes, npz_load
 from detectors.routing import FeatureIndex, route
 from schemas.batch import EventBatch
 
@@ -93,10 +94,11 @@ def test_reference_freezes_after_n_accepted_events() -> None:
     assert ref is not None and ref.complete
     assert (ref.n_events, ref.events_seen, ref.callers) == (500, 500, 40)
     assert (ref.first_ts_ms, ref.last_ts_ms) == (0, 499 * 100)
-    assert ref.score_counts.sum() == 500 and ref.sample_features.shape == (500, 2)
+    assert ref.channels == ("score",) and ref.channel_columns == ("1",)
+    assert ref.channel_counts.sum() == 500 and ref.sample_features.shape == (500, 2)
     assert ref.sample_features.dtype == np.float32
     assert [c.sum() for c in ref.feature_counts] == [500, 500]
-    assert ref.score_edges.size == 9 and list(store.frozen()) == [("m0", "")]
+    assert ref.channel_edges.shape == (1, 9) and list(store.frozen()) == [("m0", "")]
 
 
 def test_reference_resists_an_early_flooding_caller() -> None:
@@ -129,10 +131,10 @@ def test_reference_resists_an_early_flooding_caller() -> None:
     honest = honest_p[~flood]
     low = np.quantile(honest, (q - 0.05) / 0.95) - 0.02
     high = np.quantile(honest, q / 0.95) + 0.02
-    ref_q = np.quantile(ref.sample_prediction, q)
+    ref_q = np.quantile(ref.sample_channels[:, 0], q)
     assert np.all((low <= ref_q) & (ref_q <= high)), (low, ref_q, high)
     # without the cap the same stream poisons the reference: the check above is not vacuous
-    poisoned = np.quantile(reference(1.0).sample_prediction, q)
+    poisoned = np.quantile(reference(1.0).sample_channels[:, 0], q)
     assert np.abs(poisoned - np.quantile(honest, q)).max() > 0.2
 
 
@@ -148,45 +150,117 @@ def test_reference_with_too_few_callers_freezes_on_the_seen_limit() -> None:
     assert ref.last_ts_ms == 1_499  # every event the builder consumed, skipped ones too
 
 
+CLASSES = ("cat", "dog", "eel")
+
+
 @pytest.mark.parametrize(
-    ("kwargs", "score_type", "positive"),
+    ("kwargs", "score_type", "positive", "channels"),
     [
-        ({"scores": two_class(np.linspace(0.01, 0.99, 50))}, "probability", "1"),
+        ({"scores": two_class(np.linspace(0.01, 0.99, 50))}, "probability", "1", ("score",)),
         (
-            {
-                "scores": np.tile([0.2, 0.5, 0.3], (50, 1)),
-                "score_labels": ("cat", "dog", "eel"),
-            },
+            {"scores": np.tile([0.2, 0.5, 0.3], (50, 1)), "score_labels": CLASSES},
             "probability",
             "",
+            ("score:cat", "score:dog", "score:eel", "label"),
         ),
         (
             {"scores": np.linspace(0.05, 0.95, 50)[:, None], "score_labels": ("fraud",)},
             "probability",
             "",
+            ("score",),
         ),
-        ({"scores": np.column_stack([np.linspace(-3, 2, 50), np.zeros(50)])}, "logit", ""),
-        ({"scores": np.tile([0.7, 0.6], (50, 1))}, "logit", ""),  # in [0, 1], rows sum to 1.3
-        ({"labels": ["spam", "ham"] * 25}, "label_only", ""),
-        ({"values": np.linspace(10, 20, 50)}, "regression", ""),
+        (
+            {"scores": np.column_stack([np.linspace(-3, 2, 50), np.zeros(50)])},
+            "logit",
+            "",
+            ("score:0", "score:1", "label"),
+        ),
+        (  # in [0, 1], but rows sum to 1.3
+            {"scores": np.tile([0.7, 0.6], (50, 1))},
+            "logit",
+            "",
+            ("score:0", "score:1", "label"),
+        ),
+        ({"labels": ["spam", "ham"] * 25}, "label_only", "", ("label",)),
+        ({"values": np.linspace(10, 20, 50)}, "regression", "", ("score",)),
     ],
 )
-def test_reference_infers_the_score_type(
-    kwargs: dict[str, Any], score_type: str, positive: str
+def test_reference_infers_the_score_type_and_its_channels(
+    kwargs: dict[str, Any], score_type: str, positive: str, channels: tuple[str, ...]
 ) -> None:
     store = ReferenceStore(n_events=50)
     (ref,) = feed(store, [events(np.arange(50), KEYS_50, **kwargs)])
-    assert (ref.score_type, ref.positive_label) == (score_type, positive)
-    assert ref.score_counts.sum() == 50
+    assert (ref.score_type, ref.positive_label, ref.channels) == (score_type, positive, channels)
+    assert ref.channel_counts.sum(axis=1).tolist() == [50] * len(channels)
+    assert ref.sample_channels.shape == (50, len(channels))
+
+
+def naive_channel_counts(values: list[float], edges: list[float]) -> list[int]:
+    """Row at a time: bin i is (edges[i-1], edges[i]]."""
+    counts = [0] * (len(edges) + 1)
+    for v in values:
+        counts[sum(1 for e in edges if e < v)] += 1
+    return counts
+
+
+def test_reference_multi_class_has_a_channel_per_class_and_the_predicted_label() -> None:
+    rng = np.random.default_rng(6)
+    n = 600
+    p = rng.dirichlet([3.0, 2.0, 1.0], n)
+    p[:50, 2] = np.nan  # the "eel" score is missing from some events
+    (ref,) = feed(
+        ReferenceStore(n_events=n, max_caller_share=1.0),
+        [events(np.arange(n), KEYS_50 * 12, scores=p, score_labels=CLASSES)],
+    )
+    assert ref.channels == ("score:cat", "score:dog", "score:eel", "label")
+    assert ref.channel_columns == (*CLASSES, "") and ref.channel_categories == CLASSES
+    for j in range(3):
+        col = p[:, j][~np.isnan(p[:, j])]
+        edges = ref.channel_edges[j].tolist()
+        assert edges == np.quantile(col, np.linspace(0, 1, 11)[1:-1]).tolist()
+        assert ref.channel_counts[j].tolist() == naive_channel_counts(col.tolist(), edges)
+        assert ref.channel_range[j].tolist() == [col.min(), col.max()]
+    predicted = [max(range(3), key=lambda k: -1.0 if np.isnan(r[k]) else r[k]) for r in p]
+    label_counts = ref.channel_counts[3, :4].tolist()
+    assert label_counts == [predicted.count(k) for k in range(3)] + [0]
+    assert ref.channel_edges[3, :3].tolist() == [0.5, 1.5, 2.5]
+    assert np.isinf(ref.channel_edges[3, 3:]).all() and not ref.channel_counts[3, 4:].any()
+    assert np.isnan(ref.channel_range[3]).all()
+    # live events are read by label, whatever their column order; ties go to the first class
+    live = np.array([[0.9, 0.05, 0.05], [0.5, 0.5, 0.0], [np.nan, np.nan, np.nan]])
+    later = events([0, 1, 2], KEYS_50[:3], scores=live, score_labels=("eel", "cat", "dog"))
+    bins, values = ref.bins_of(later, np.arange(3))
+    assert values[:, 3].tolist()[:2] == [2.0, 0.0] and bins[2].tolist() == [-1] * 4
+    assert values[0, :3].tolist() == [0.05, 0.05, 0.9]
+
+
+def test_reference_caps_class_channels_at_the_most_predicted_classes() -> None:
+    rng = np.random.default_rng(7)
+    n, k = 2_000, 40
+    names = tuple(f"c{i:02d}" for i in range(k))
+    p = rng.dirichlet(np.linspace(0.2, 3.0, k), n)
+    p[:, 0] = np.nan  # c00 never has a score: no channel
+    (ref,) = feed(
+        ReferenceStore(n_events=n, max_caller_share=1.0),
+        [events(np.arange(n), KEYS_50 * 40, scores=p, score_labels=names)],
+    )
+    wins = np.bincount(np.nanargmax(p, axis=1), minlength=k)
+    ranked = sorted(range(1, k), key=lambda i: (-wins[i], i))[:MAX_CLASS_CHANNELS]
+    kept = tuple(names[i] for i in sorted(ranked))
+    assert ref.channel_categories == kept and len(kept) == MAX_CLASS_CHANNELS == 32
+    assert ref.channels == (*(f"score:{c}" for c in kept), "label")
+    other = int(sum(wins[i] for i in range(k) if names[i] not in kept))
+    assert ref.channel_counts[-1, MAX_CLASS_CHANNELS] == other > 0  # the label channel's last bin
 
 
 def test_reference_label_only_bins_are_the_labels() -> None:
     store = ReferenceStore(n_events=50, max_caller_share=1.0)
     (ref,) = feed(store, [events(np.arange(50), KEYS_50, labels=["spam", "ham"] * 25)])
-    assert ref.score_categories == ("ham", "spam") and ref.score_counts.tolist() == [25, 25, 0]
+    assert ref.channels == ("label",) and ref.channel_categories == ("ham", "spam")
+    assert ref.channel_counts.tolist() == [[25, 25, 0]]
     later = events(np.arange(4), KEYS_50[:4], labels=["spam", "new", "", "ham"])
     bins, _ = ref.bins_of(later, np.arange(4))
-    assert bins.tolist() == [1, 2, -1, 0]
+    assert bins.tolist() == [[1], [2], [-1], [0]]
 
 
 def test_reference_declared_score_type_wins_over_inference() -> None:
@@ -203,10 +277,12 @@ def test_reference_to_bytes_round_trips_exactly() -> None:
     feats = rng.normal(size=(n, 3))
     feats[rng.random(n) < 0.1, 1] = np.nan
     store = ReferenceStore(n_events=n, sample_size=100)
+    scores = rng.dirichlet([1.0, 1.0, 1.0], n)
     (ref,) = feed(
         store,
-        [events(np.arange(n), KEYS_50 * 6, scores=two_class(rng.random(n)), features=feats)],
+        [events(np.arange(n), KEYS_50 * 6, scores=scores, score_labels=CLASSES, features=feats)],
     )
+    assert np.isinf(ref.channel_edges[-1]).any()  # the label channel's padding survives
     blob = ref.to_bytes()
     back = Reference.from_bytes(blob)
     assert back == ref and back.to_bytes() == blob
@@ -221,6 +297,18 @@ def test_reference_to_bytes_round_trips_exactly() -> None:
             else:
                 assert x == y, f.name
     assert ref.sample_features.shape == (100, 3) and ref.feature_missing[1] > 0
+
+
+def test_reference_of_the_single_score_format_is_refused_with_the_remedy() -> None:
+    (ref,) = feed(
+        ReferenceStore(n_events=50),
+        [events(np.arange(50), KEYS_50, scores=two_class(np.full(50, 0.5)))],
+    )
+    arrays = npz_load(ref.to_bytes())
+    meta = orjson.loads(arrays["meta"].tobytes())
+    arrays["meta"] = np.frombuffer(orjson.dumps({**meta, "format": 1}), np.uint8)
+    with pytest.raises(ValueError, match=r"format 1, expected 2.*delete its row"):
+        Reference.from_bytes(npz_bytes(arrays))
 
 
 def test_reference_bytes_do_not_depend_on_batch_cuts_or_later_features() -> None:
@@ -273,7 +361,7 @@ def test_reference_per_version_and_only_successful_calls() -> None:
     )
     store = ReferenceStore(n_events=60, max_caller_share=1.0)
     refs = feed(store, [cf.concat([errors, v1.take(np.arange(50)), v2])])
-    assert [(r.model_version, r.score_range.tolist()) for r in refs] == [("v2", [0.8, 0.8])]
+    assert [(r.model_version, r.channel_range.tolist()) for r in refs] == [("v2", [[0.8, 0.8]])]
     refs = feed(store, [v1])
     assert [r.model_version for r in refs] == ["v1"] and store.get("m0", "v1") is not None
 

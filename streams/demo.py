@@ -1,0 +1,406 @@
+"""``inferwatch demo``: the whole pipeline on one machine, scored against the simulator's truth.
+
+An embedded Kafka broker (``streams.broker``); the ``default`` simulated traffic, with event
+times ending now, produced keyed by api key to ``inferwatch.events.v1`` from a background thread
+and paced on the worker group's committed offsets (the broker's retention would otherwise delete
+events nobody read); in the main thread a Worker with a KafkaSource writing to the store and
+serving the local API, so ``inferwatch alerts`` works from another terminal meanwhile. When the
+group has committed everything produced, the producer thread asks the worker to stop; the worker
+checkpoints and returns, and ``streams.evaluate`` scores its alerts against the truth.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import textwrap
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from detectors.registry import create_all
+from streams.broker import MockCluster, produce_paced, wait_for
+from streams.evaluate import Evaluation, evaluate
+from streams.kafka_source import KafkaSource
+from streams.simulate import Truth, simulate
+from streams.sources import SourceError
+from streams.store import LOCK_NAME, Store, StoreError, StoreLock, TransientStoreError, parse_dsn
+from streams.worker import Counters, Worker, WorkerSettings
+
+TOPIC = "inferwatch.events.v1"
+GROUP = "inferwatch-demo"
+SCENARIO = "default"
+DEMO_DIR = "demo"  # inside the store directory: the simulated traffic and its truth
+EVENTS_FILE = "events.jsonl"
+TRUTH_FILE = "events.truth.json"  # what ``inferwatch simulate`` names it beside events.jsonl
+MAX_LAG = 40_000  # messages in all; the per-partition byte budget is the tighter bound
+# Checkpoints (and so commits) every second keep the paced producer moving.
+SETTINGS = WorkerSettings(batch_max=5_000, checkpoint_s=1.0)
+CATCH_UP_TIMEOUT_S = 120.0
+
+
+class DemoError(Exception):
+    """The demo cannot run as asked (the store is elsewhere, in use, or not ours to clear)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DemoResult:
+    truth: Truth
+    evaluation: Evaluation
+    counters: Counters
+    produced: int
+    stored_events: int
+    distinct_events: int
+    elapsed_s: float
+    interrupted: bool
+    prior_events: int  # events the store held before this run (--keep)
+    store_dir: Path
+    events_path: Path
+    truth_path: Path
+
+
+def prepare_store(store: str, fresh: bool) -> Path:
+    """The store directory; with ``fresh``, emptied first if it is empty or an inferwatch store
+    (it has our lock file) that no process holds."""
+    try:
+        dsn = parse_dsn(store)
+    except StoreError as exc:
+        raise DemoError(str(exc)) from None
+    if dsn.path is None:
+        raise DemoError(f"the demo runs on an embedded store (chdb:DIR), not {store}")
+    path, lock = dsn.path, StoreLock(dsn.path)
+    if lock.held_elsewhere():
+        raise DemoError(f"store {path} is in use by pid {lock.owner()}; stop it or pass --store")
+    if fresh and path.exists():
+        if not path.is_dir():
+            raise DemoError(f"store {path} is not a directory")
+        entries = list(path.iterdir())
+        if entries and not (path / LOCK_NAME).is_file():
+            raise DemoError(
+                f"--fresh clears the store directory, but {path} is neither empty nor an "
+                f"inferwatch store (no {LOCK_NAME}); pass another --store, or --keep"
+            )
+        for entry in entries:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    return path
+
+
+def recent_traffic(events: int, seed: int, now_ms: int) -> tuple[Iterator[bytes], Truth]:
+    """The ``default`` scenario shifted so that its event times end at ``now_ms`` (recent data
+    is what ``--since`` filters and the store's retention expect)."""
+    _, probe = simulate(SCENARIO, events, seed)
+    return simulate(SCENARIO, events, seed, start_ms=now_ms - (probe.end_ts_ms - probe.start_ts_ms))
+
+
+class _Stopped(Exception):
+    """The worker is stopping (interrupted, or failed): the producer gives up quietly."""
+
+
+class ProducerThread(threading.Thread):
+    """Writes the traffic to the JSONL file and the topic, then waits until the group has
+    committed all of it and sets ``stop`` (the worker's ``stop_requested``)."""
+
+    def __init__(
+        self, cluster: MockCluster, lines: Iterable[bytes], path: Path, stop: threading.Event
+    ) -> None:
+        super().__init__(name="inferwatch-demo-producer", daemon=True)
+        self.cluster, self.lines, self.path, self.stop = cluster, lines, path, stop
+        self.produced = 0
+        self.finished = False  # everything produced was consumed and committed
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with self.path.open("wb") as out:
+                produce_paced(
+                    self.cluster, TOPIC, _recorded(self.lines, out), GROUP, MAX_LAG,
+                    alive=self._alive, progress=self._progress, timeout_s=CATCH_UP_TIMEOUT_S,
+                )  # fmt: skip
+            wait_for(
+                lambda: self.cluster.caught_up(TOPIC, GROUP), CATCH_UP_TIMEOUT_S,
+                "the worker to commit every event", self._alive, every_s=0.2,
+            )  # fmt: skip
+            self.finished = True
+        except _Stopped:
+            pass
+        except BaseException as exc:  # reported by the main thread once the worker stopped
+            self.error = exc
+        finally:
+            self.stop.set()
+
+    def _alive(self) -> None:
+        if self.stop.is_set():
+            raise _Stopped
+
+    def _progress(self, produced: int) -> None:
+        self.produced = produced
+
+
+def _recorded(lines: Iterable[bytes], out: IO[bytes]) -> Iterator[bytes]:
+    for line in lines:
+        out.write(line + b"\n")
+        yield line
+
+
+class LiveView:
+    """Progress while the worker runs (called from its run loop): a live bar and counters on a
+    terminal, a line every 5 s otherwise."""
+
+    def __init__(self, console: Console, total: int, producer: ProducerThread) -> None:
+        self.console, self.total, self.producer = console, total, producer
+        self._started = time.monotonic()
+        self._last = 0.0
+        self._last_line = self._started
+        self._live = Live(console=console, transient=True) if console.is_terminal else None
+
+    def __enter__(self) -> LiveView:
+        if self._live is not None:
+            self._live.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.stop()
+
+    def update(self, worker: Worker) -> None:
+        now = time.monotonic()
+        if now - self._last < 0.2:
+            return
+        self._last = now
+        c = worker.counters
+        rejected = sum(c.rejects_total.values())
+        consumed = c.events_total + rejected
+        line = (
+            f"produced {self.producer.produced:,}  consumed {consumed:,}  rejected {rejected:,}  "
+            f"findings {c.findings_total:,}  alerts {c.alerts_total:,}  "
+            f"{consumed / max(now - self._started, 1e-9):,.0f} events/s"
+        )
+        if self._live is not None:
+            bar = Table.grid(padding=(0, 1))
+            bar.add_row(
+                "[bold]inferwatch demo[/]",
+                ProgressBar(total=self.total, completed=consumed, width=40),
+                f"{consumed:,}/{self.total:,} events, {now - self._started:.0f} s",
+            )
+            self._live.update(Group(bar, Text(f"  {line}")))
+        elif now - self._last_line >= 5.0:
+            self._last_line = now
+            self.console.print(f"  {line}", highlight=False)
+
+
+def run(events: int, seed: int, store: str, fresh: bool, console: Console) -> DemoResult:
+    """The demo end to end; DemoError when the store or the broker cannot be used."""
+    store_dir = prepare_store(store, fresh)
+    files = store_dir / DEMO_DIR
+    files.mkdir(parents=True, exist_ok=True)
+    events_path, truth_path = files / EVENTS_FILE, files / TRUTH_FILE
+    t0 = time.monotonic()
+    lines, truth = recent_traffic(events, seed, int(time.time() * 1000))
+    truth_path.write_bytes(truth.to_json())
+    try:
+        st = Store(f"chdb:{store_dir}")
+    except (StoreError, TransientStoreError) as exc:
+        raise DemoError(str(exc)) from exc
+    try:
+        prior = int(st.query("SELECT count() FROM events FINAL").first_row[0])
+        with MockCluster() as cluster:
+            counters, producer = _stream(st, cluster, lines, events_path, console, events)
+        evaluation = evaluate(st, truth)
+        stored, distinct = st.query(
+            "SELECT count(), uniqExact(event_id) FROM events FINAL"
+        ).first_row
+    finally:
+        st.close()
+    return DemoResult(
+        truth, evaluation, counters, producer.produced, int(stored), int(distinct),
+        time.monotonic() - t0, not producer.finished, prior, store_dir, events_path, truth_path,
+    )  # fmt: skip
+
+
+def _stream(
+    st: Store,
+    cluster: MockCluster,
+    lines: Iterator[bytes],
+    events_path: Path,
+    console: Console,
+    total: int,
+) -> tuple[Counters, ProducerThread]:
+    """Producer thread and worker until the group has committed everything (or Ctrl-C)."""
+    cluster.create_topic(TOPIC)  # before the consumer subscribes
+    try:
+        src = KafkaSource(cluster.bootstrap, TOPIC, GROUP)
+    except SourceError as exc:
+        raise DemoError(str(exc)) from exc
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        worker = Worker(st, src, create_all(), SETTINGS)
+        worker.install_signal_handlers()  # Ctrl-C: finish the batch, checkpoint, summarise
+        producer = ProducerThread(cluster, lines, events_path, worker.stop_requested)
+        api = worker.serve_api()
+        try:
+            producer.start()
+            with LiveView(console, total, producer) as view:
+                counters = worker.run(view.update)
+        finally:
+            worker.stop_requested.set()
+            producer.join()
+            api.stop()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        src.close()
+    if producer.error is not None:
+        raise DemoError(f"producing the demo traffic failed: {producer.error}") from producer.error
+    return counters, producer
+
+
+# ------------------------------------------------------------------------------------ summary
+
+SEVERITY_RANK = {"critical": 4, "high": 3, "medium": 2, "low": 1, "info": 0}
+TOP_ALERTS = 10
+
+
+def print_summary(console: Console, r: DemoResult) -> None:
+    """What ran, what was caught against the truth, where the files are, what to try next."""
+    ev, c = r.evaluation, r.counters
+    rejected = sum(c.rejects_total.values())
+    of = f" of {r.truth.events:,}" if r.produced < r.truth.events else ""
+    console.print(
+        f"\n[bold]inferwatch demo[/]: {r.produced:,}{of} simulated events ({SCENARIO} scenario, "
+        f"seed {r.truth.seed}) via an embedded Kafka broker, {r.elapsed_s:.1f} s",
+        highlight=False,
+    )
+    if r.interrupted:
+        console.print("[yellow]interrupted: the scores below cover what the worker read[/]")
+    if r.prior_events:
+        console.print(
+            f"[yellow]--keep: the store already held {r.prior_events:,} events; detector state "
+            "carried over, so the scores below mix runs (--fresh scores this run alone)[/]"
+        )
+    console.print(
+        f"pipeline: produced {r.produced:,}, consumed {c.events_total + rejected:,}, rejected "
+        f"{rejected:,}, lost to retention {c.lost_events_total:,}\n"
+        f"store:    {r.stored_events:,} events ({r.distinct_events:,} distinct ids), "
+        f"{c.findings_total:,} findings, {len(ev.alerts)} alerts",
+        highlight=False,
+    )
+    _print_scores(console, ev)
+    if ev.alerts:
+        console.print(_alerts_table(ev))
+    _print_next(console, r)
+
+
+def _print_scores(console: Console, ev: Evaluation) -> None:
+    console.print(f"\n[bold]Incidents detected: {ev.detected}/{len(ev.incidents)}[/]")
+    for res in ev.incidents:
+        inc = res.incident
+        what = f"{inc.incident_id} {inc.kind}: {inc.entity_type} {inc.entity} ({inc.detector})"
+        if res.delay_ms is not None:
+            extra = f", {len(res.alerts)} alerts" if len(res.alerts) > 1 else ""
+            line = f"  [green]detected[/]      {what} after {_duration(res.delay_ms)}{extra}"
+        else:
+            line = f"  [red]not detected[/]  {what}"
+        console.print(line, highlight=False)
+        desc = _indented(inc.description, 16, console.width)
+        console.print(desc, style="dim", highlight=False, markup=False)
+    shown = ", ".join(ev.benign_alerted[:5]) + (" ..." if len(ev.benign_alerted) > 5 else "")
+    console.print(
+        f"[bold]Benign callers alerted: {len(ev.benign_alerted)}/{ev.benign_callers}[/]"
+        + (f" ({shown})" if shown else ""),
+        highlight=False,
+    )
+    false = ev.false_alarms
+    console.print(f"[bold]False alarms: {len(false)}[/] (alerts on entities no incident involves)")
+    for a in false[:TOP_ALERTS]:
+        text = f"{a.detector} {a.entity_type} {a.entity} at {_clock(a.ts_ms)}: {a.title}"
+        console.print(_indented(text, 2, console.width), highlight=False, markup=False)
+    if len(false) > TOP_ALERTS:
+        console.print(f"  ... and {len(false) - TOP_ALERTS} more (inferwatch alerts)")
+    console.print(
+        f"[bold]Related: {len(ev.related)}[/] (alerts on incident entities or attacker traffic, "
+        "outside the detection rule: neither detections nor false alarms)",
+        highlight=False,
+    )
+
+
+def _alerts_table(ev: Evaluation) -> Any:
+    from rich import box
+
+    top = sorted(
+        ev.alerts, key=lambda a: (-SEVERITY_RANK.get(a.severity, 0), -a.event_count, a.ts_ms)
+    )[:TOP_ALERTS]
+    table = Table(
+        title=f"Top alerts ({len(top)} of {len(ev.alerts)}; ts is event time, UTC)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+    )
+    for col in ("verdict", "ts", "severity", "detector", "entity", "model", "events", "status"):
+        short = col in ("verdict", "ts", "severity", "events", "status")
+        table.add_column(col, justify="right" if col == "events" else "left", no_wrap=short)
+    for a in top:
+        table.add_row(
+            ev.verdicts[a.alert_id], _clock(a.ts_ms), a.severity, a.detector,
+            f"{a.entity_type} {a.entity}", a.model_id, f"{a.event_count:,}", a.status,
+        )  # fmt: skip
+    return table
+
+
+def _print_next(console: Console, r: DemoResult) -> None:
+    default = parse_dsn("chdb:./inferwatch-data").path
+    store_opt = "" if r.store_dir == default else f" --store chdb:{_show(r.store_dir)}"
+    hours = int((time.time() * 1000 - r.truth.start_ts_ms) // 3_600_000) + 1
+    console.print(
+        f"\n[bold]Data[/]\n  store   chdb:{_show(r.store_dir)} (events, findings, alerts, "
+        f"... tables)\n  events  {_show(r.events_path)} (the "
+        f"simulated traffic, one event per line)\n  truth   {_show(r.truth_path)} (what was "
+        "injected: the incidents scored above)",
+        highlight=False,
+    )
+    console.print(
+        f"\n[bold]Next[/]\n  inferwatch alerts --since {hours}h{store_opt}\n"
+        f"  inferwatch findings --detector abuse.rate_spike{store_opt}\n"
+        "  # the same traffic from the file instead of Kafka, into a second store:\n"
+        f"  inferwatch run --source file:{_show(r.events_path)} --store chdb:./inferwatch-replay",
+        highlight=False,
+    )
+
+
+def _show(path: Path) -> str:
+    try:
+        return f"./{path.relative_to(Path.cwd())}"
+    except ValueError:
+        return str(path)
+
+
+def _indented(text: str, indent: int, width: int) -> str:
+    pad = " " * indent
+    return textwrap.fill(text, max(40, width), initial_indent=pad, subsequent_indent=pad)
+
+
+def _clock(ts_ms: int) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(ts_ms / 1000))
+
+
+def _duration(ms: int) -> str:
+    """
+    >>> _duration(160_000), _duration(45_000), _duration(3_780_000)
+    ('2m40s', '45s', '1h03m')
+    """
+    s = round(ms / 1000)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
