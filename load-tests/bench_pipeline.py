@@ -40,6 +40,44 @@ def worker_run(path: Path, store_dir: Path) -> tuple[float, dict[str, float], in
     return time.perf_counter() - t0, dict(counters.stage_s), counters.events_total
 
 
+def kafka_run(path: Path, store_dir: Path) -> tuple[float, dict[str, float], int]:
+    """Produce the file to the embedded broker (paced on the group's lag, in a thread) while a
+    worker consumes it into chdb; the clock runs until every event is committed."""
+    import threading
+
+    from detectors.registry import create_all
+    from streams.broker import MockCluster, produce_paced
+    from streams.kafka_source import KafkaSource
+    from streams.store import Store
+    from streams.worker import Worker, WorkerSettings
+
+    topic, group = "inferwatch.events.v1", "bench"
+    lines = path.read_bytes().splitlines()
+    settings = WorkerSettings(checkpoint_s=1.0, checkpoint_events=20_000)
+    with MockCluster() as cluster, Store(f"chdb:{store_dir}") as store:
+        cluster.create_topic(topic)
+        source = KafkaSource(cluster.bootstrap, topic, group)
+        worker = Worker(store, source, create_all(), settings)
+        done = threading.Event()
+
+        def produce() -> None:
+            produce_paced(cluster, topic, lines, group, 30_000, timeout_s=300)
+            while not cluster.caught_up(topic, group):
+                time.sleep(0.05)
+            done.set()
+            worker.stop_requested.set()
+
+        t0 = time.perf_counter()
+        thread = threading.Thread(target=produce, daemon=True)
+        thread.start()
+        counters = worker.run()
+        secs = time.perf_counter() - t0
+        thread.join()
+        source.close()
+    assert done.is_set() and counters.events_total == len(lines), counters
+    return secs, dict(counters.stage_s), counters.events_total
+
+
 def baseline_run(path: Path, store_dir: Path) -> float:
     """The naive way: one Python dict per event, row lists, one insert per batch."""
     from streams.store import Store
@@ -92,8 +130,9 @@ def in_subprocess(kind: str, path: Path) -> dict[str, object]:
 
 
 def one(kind: str, path: str, store_dir: str) -> dict[str, object]:
-    if kind == "worker":
-        secs, stages, n = worker_run(Path(path), Path(store_dir))
+    if kind in ("worker", "kafka"):
+        run = worker_run if kind == "worker" else kafka_run
+        secs, stages, n = run(Path(path), Path(store_dir))
         return {"seconds": secs, "stages": stages, "events": n}
     return {"seconds": baseline_run(Path(path), Path(store_dir))}
 
@@ -113,7 +152,7 @@ def main() -> None:
         write("bench", args.large, 1, large)
         size = large.stat().st_size / args.large
         print(f"machine: {platform.machine()}, {platform.python_version()}, bytes/event {size:.0f}")
-        kinds = ["worker"] + ([] if args.skip_baseline else ["baseline"])
+        kinds = ["worker", "kafka"] + ([] if args.skip_baseline else ["baseline"])
         for kind in kinds:
             rates, stage_runs = [], []
             for _ in range(args.runs):
@@ -121,10 +160,11 @@ def main() -> None:
                 b = in_subprocess(kind, large)
                 rate = (args.large - args.small) / (float(b["seconds"]) - float(a["seconds"]))
                 rates.append(rate)
-                if kind == "worker":
+                if kind != "baseline":
                     stage_runs.append(b["stages"])
+            what = "kafka -> chdb" if kind == "kafka" else "file -> chdb "
             print(
-                f"{kind:9} file -> chdb: {statistics.median(rates):>10,.0f} events/s "
+                f"{kind:9} {what}: {statistics.median(rates):>10,.0f} events/s "
                 f"(runs: {', '.join(f'{r:,.0f}' for r in rates)})"
             )
             if stage_runs:
