@@ -103,7 +103,7 @@ class AlertChange:
     model_id: str
     tenant: str
     status: Literal["firing", "resolved"]
-    ts_ms: int  # event time at which the decision crossed (or, resolved, cleared)
+    ts_ms: int  # event time at which the decision crossed its threshold (also when resolved)
     episode_start_ms: int
     first_seen_ms: int
     last_seen_ms: int
@@ -117,6 +117,7 @@ class AlertChange:
     sample_event_ids: tuple[str, ...]
     linked_entities: tuple[tuple[str, str], ...] = ()
     detector: str = ""  # filled in by the worker from the detector's name
+    resolved_ms: int | None = None  # event time at which the condition cleared
 
 
 @dataclass(frozen=True, slots=True)

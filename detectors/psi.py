@@ -513,7 +513,8 @@ class PSI(DetectorBase):
             model_id=w.model_id,
             tenant="",
             status="firing" if status == "firing" else "resolved",
-            ts_ms=w.end_ms,
+            ts_ms=ep["start_ms"],  # the end of the first window over the threshold
+            resolved_ms=None if status == "firing" else w.end_ms,
             episode_start_ms=ep["start_ms"],
             first_seen_ms=ep["first_ms"],
             last_seen_ms=w.end_ms,

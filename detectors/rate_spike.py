@@ -108,10 +108,12 @@ class _Population:
     """Decayed histogram of completed bucket counts of one entity type, as a ring of integer
     counts per bucket index; its p99 is the yardstick for keys without a history."""
 
-    def __init__(self, weights: list[int], min_weight: int) -> None:
+    def __init__(self, weights: list[int], min_weight: int, warm_buckets: int) -> None:
         self.weights = np.array(weights, np.int64)
         self.length = len(weights)
         self.min_weight = min_weight
+        self.warm_buckets = warm_buckets
+        self.first = NONE  # the first bucket this population saw
         self.clock = NONE
         self.high = math.inf
         self.ring = np.zeros((self.length, len(EDGES) - 1), np.int64)
@@ -130,6 +132,12 @@ class _Population:
             else:
                 self.ring[np.arange(self.clock + 1, clock + 1) % self.length] = 0
         self.clock = clock
+        if self.first == NONE:
+            self.first = clock
+        if clock - self.first < self.warm_buckets:
+            # the first buckets after a start are partial or few: their p99 is no yardstick
+            self.high = math.inf
+            return
         ages = (clock - np.arange(self.length)) % self.length
         hist = (self.weights[ages] @ self.ring).tolist()
         total = sum(hist)
@@ -147,12 +155,14 @@ class _Population:
         j, b = np.nonzero(self.ring)
         return {
             "clock": None if self.clock == NONE else self.clock,
+            "first": None if self.first == NONE else self.first,
             "high": None if math.isinf(self.high) else self.high,
             "ring": [j.tolist(), b.tolist(), self.ring[j, b].tolist()],
         }
 
     def from_json(self, state: dict[str, Any]) -> None:
         self.clock = NONE if state["clock"] is None else int(state["clock"])
+        self.first = NONE if state.get("first") is None else int(state["first"])
         self.high = math.inf if state["high"] is None else float(state["high"])
         self.ring[:] = 0
         j, b, c = state["ring"]
@@ -162,9 +172,9 @@ class _Population:
 class _Table:
     """All state of one entity type."""
 
-    def __init__(self, weights: list[int], min_weight: int) -> None:
+    def __init__(self, weights: list[int], min_weight: int, warm_buckets: int) -> None:
         self.cols = KeyedColumns(COLUMNS)
-        self.population = _Population(weights, min_weight)
+        self.population = _Population(weights, min_weight, warm_buckets)
         self.episodes: dict[int, _Episode] = {}
 
 
@@ -194,8 +204,10 @@ class RateSpike(DetectorBase):
       (history_buckets + 1), 1 / n)``) so a key's first, partial bucket does not dominate it.
     - a cold key against the population: ``max(min_count, cold_factor * high)``, ``high`` the
       p99 of completed bucket counts of all keys, from an exponentially decayed log-spaced
-      histogram. Until it holds ``min_population`` decayed samples cold keys are not judged
-      (a fresh deployment would page on every heavy caller in its first minute). A key idle
+      histogram. Until it holds ``min_population`` decayed samples, and for the first
+      ``2 * warmup_buckets`` buckets after the detector starts (the first bucket is partial,
+      so its counts are low), cold keys are not judged: a fresh deployment would page on every
+      heavy caller in its first minutes. A key idle
       for ``history_buckets`` buckets starts cold again: a nightly job must not page daily.
 
     Why: callers differ by orders of magnitude, so one fixed count per key is useless; an EWMA
@@ -293,7 +305,8 @@ class RateSpike(DetectorBase):
     def reset(self) -> None:
         weights = population_weights(self.history_buckets)
         min_weight = math.ceil(self.min_population * WEIGHT_ONE)
-        self.tables = {et: _Table(weights, min_weight) for et in self.entity_types}
+        warm = 2 * self.warmup_buckets
+        self.tables = {et: _Table(weights, min_weight, warm) for et in self.entity_types}
         self._model_dirty = False
 
     # -- per-key arithmetic, vectorised over keys ------------------------------------------
@@ -655,7 +668,8 @@ class RateSpike(DetectorBase):
             model_id=ep.model_id,
             tenant=ep.tenant,
             status="resolved" if resolved else "firing",
-            ts_ms=clear_ms if resolved else ep.crossing_ms,
+            ts_ms=ep.crossing_ms,
+            resolved_ms=clear_ms if resolved else None,
             episode_start_ms=start_ms,
             first_seen_ms=int(cols["ep_first"][slot]),
             last_seen_ms=int(cols["ep_last"][slot]),

@@ -561,7 +561,9 @@ class _Run:
 
     def block(self, idx: I64, joined: bytes | None = None, rounds: int = 0) -> None:
         """Decode raw messages; set aside the ones pyarrow refuses for the reference check."""
-        msgs, lens = [self.messages[i] for i in idx], self.lens[idx]
+        everything = joined is not None  # the first block of the batch: all the messages
+        msgs = self.messages if everything else [self.messages[i] for i in idx]
+        lens = self.lens if everything else self.lens[idx]
         buf = _buffer(msgs, lens, joined)
         table, ts_mixed, as_text = _read(buf, lens, _ts_is_text(msgs[0]))
         if table is not None:

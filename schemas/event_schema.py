@@ -59,7 +59,7 @@ TOP_FIELDS = frozenset(
 # 2000-01-01T00:00:00Z <= ts < 2101-01-01T00:00:00Z
 TS_MIN_MS = 946_684_800_000
 TS_END_MS = 4_133_980_800_000
-# RFC 3339 date-time; the same text is used by RE2 in the fast path and by `re` here.
+# RFC 3339 date-time, the grammar decode.ts_text_ms implements on the bytes of a whole column.
 TS_PATTERN = (
     r"^(?P<y>[0-9]{4})-(?P<mo>[0-9]{2})-(?P<d>[0-9]{2})[Tt ]"
     r"(?P<h>[0-9]{2}):(?P<mi>[0-9]{2}):(?P<s>[0-9]{2})(?P<f>\.[0-9]+)?"
@@ -79,7 +79,7 @@ def load_schema() -> dict[str, Any]:
     return schema
 
 
-def days_from_civil(y: int, m: int, d: int) -> int:
+def _days_from_civil(y: int, m: int, d: int) -> int:
     """Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm)."""
     y -= m <= 2
     era = y // 400
@@ -89,7 +89,7 @@ def days_from_civil(y: int, m: int, d: int) -> int:
     return era * 146097 + doe - 719468
 
 
-def days_in_month(y: int, m: int) -> int:
+def _days_in_month(y: int, m: int) -> int:
     if m == 2:
         return 29 if (y % 4 == 0 and y % 100 != 0) or y % 400 == 0 else 28
     return 30 if m in (4, 6, 9, 11) else 31
@@ -104,13 +104,13 @@ def parse_ts(text: str) -> int | None:
     h, mi, s = int(m["h"]), int(m["mi"]), int(m["s"])
     tz = m["tz"]
     off_h, off_m = (0, 0) if tz in ("Z", "z") else (int(tz[1:3]), int(tz[4:6]))
-    if not (1 <= mo <= 12 and 1 <= d <= days_in_month(y, mo) and h < 24 and mi < 60 and s < 60):
+    if not (1 <= mo <= 12 and 1 <= d <= _days_in_month(y, mo) and h < 24 and mi < 60 and s < 60):
         return None
     if off_h > 23 or off_m > 59:
         return None
     frac_ms = int(((m["f"] or ".")[1:4]).ljust(3, "0"))
     offset_min = (off_h * 60 + off_m) * (-1 if tz[0] == "-" else 1)
-    secs = days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + s - offset_min * 60
+    secs = _days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + s - offset_min * 60
     return secs * 1000 + frac_ms
 
 

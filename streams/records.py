@@ -195,7 +195,7 @@ def alert_record(
         "detector_version": version,
         "severity": change.severity,
         "status": change.status,
-        "resolved_at": change.ts_ms if resolved else None,
+        "resolved_at": (change.resolved_ms or change.ts_ms) if resolved else None,
         "model_id": change.model_id,
         "tenant": change.tenant,
         "entity_type": change.entity_type,

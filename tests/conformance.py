@@ -304,7 +304,7 @@ def alert_state(a: Any) -> tuple[Any, ...]:
     """An alert change as the store keeps it (the fields ``_rank`` reads come first)."""
     return (
         a.status,
-        a.ts_ms,
+        a.resolved_ms if a.status == "resolved" else a.ts_ms,
         a.event_count,
         a.first_seen_ms,
         a.last_seen_ms,

@@ -41,7 +41,10 @@ def enc(ev: Any) -> bytes:
     return json.dumps(ev).encode()
 
 
-def with_bad(bad: list[bytes], n_good: int = 4) -> tuple[list[bytes], list[int]]:
+N_GOOD = 40  # more than a refused block that is checked message by message without a scan
+
+
+def with_bad(bad: list[bytes], n_good: int = N_GOOD) -> tuple[list[bytes], list[int]]:
     """Good messages with the bad ones in the middle; returns messages and the bad positions."""
     good = [enc(event(i)) for i in range(n_good)]
     half = n_good // 2
@@ -58,7 +61,7 @@ def assert_rejected(bad: list[bytes], reason: str, mention: str | None, **kw: An
         assert r.detail
         if mention is not None:
             assert mention in r.detail, r
-    assert d.batch.event_id.tolist() == [f"e{i}" for i in range(4)]
+    assert d.batch.event_id.tolist() == [f"e{i}" for i in range(N_GOOD)]
     assert d.rows.tolist() == [i for i in range(len(messages)) if i not in positions]
     return d
 
@@ -92,11 +95,13 @@ def test_decode_rejects_non_finite_number_and_keeps_good_messages() -> None:
         enc(event(9)).replace(b'"amount": 19.5', b'"amount": Infinity'),
         enc(event(9)).replace(b'"fraud": 0.1', b'"fraud": -Infinity'),
         enc(event(9)).replace(b'"fraud": 0.1', b'"fraud": 1e400'),
+        enc(event(9)).replace(b'"fraud": 0.1', b'"fraud": 1' + b"0" * 400 + b".5"),
     ]
     d = assert_rejected(bad, "non_finite_number", "field '")
     assert [r.detail.split("'")[1] for r in d.rejects] == [
         "latency_ms",
         "input.features.amount",
+        "output.scores.fraud",
         "output.scores.fraud",
         "output.scores.fraud",
     ]
@@ -304,7 +309,7 @@ def test_decode_builds_feature_vector_and_attribute_columns() -> None:
 
 
 def test_decode_passes_through_partition_offset_and_payload_size() -> None:
-    messages, _ = with_bad([b"nope"])
+    messages, _ = with_bad([b"nope"], n_good=4)
     d = decode(messages, partition=np.full(5, 3), offset=np.arange(100, 105))
     assert d.batch.partition.tolist() == [3] * 4 and d.batch.partition.dtype == np.int32
     assert d.batch.offset.tolist() == [100, 101, 103, 104]
@@ -328,27 +333,36 @@ def assert_same_batch(a: EventBatch, b: EventBatch, skip: tuple[str, ...] = ("of
             assert x == y, f.name
 
 
-def test_decode_gives_the_same_columns_with_or_without_bad_neighbours() -> None:
-    # conflicting feature types, mixed ts types and integral floats force splits and the
-    # canonical second pass; none of it may show in the columns
-    good = [
-        enc(event(0, input={"features": {"a": 1}})),
-        enc(event(1, input={"features": {"a": "x"}}, ts=TS_MS)),
-        enc(event(2, status=404.0, output={"label": 7})),
-        enc(event(3, input={"vector": [1, 2, 3]}, ground_truth=0.25)),
-        enc(event(4, attributes={"k": "v"}, ground_truth="ok")),
-        b"  " + enc(event(5)),
+def odd_but_valid(i: int) -> bytes:
+    kinds = [
+        enc(event(i, input={"features": {"a": 1}})),
+        enc(event(i, input={"features": {"a": "x"}}, ts=TS_MS)),
+        enc(event(i, status=404.0, output={"label": 7})),
+        enc(event(i, input={"vector": [1, 2, 3]}, ground_truth=0.25)),
+        enc(event(i, attributes={"k": "v"}, ground_truth="ok")),
+        b"  " + enc(event(i)),
     ]
-    bad = [b"{", enc(event(9, ts="now")), enc(event(9, status=True)), b'{"a":1,"a":2}']
-    alone = decode(good)
-    mixed = [good[0], bad[0], good[1], good[2], bad[1], bad[2], good[3], good[4], bad[3], good[5]]
-    together = decode(mixed)
+    return kinds[i % len(kinds)]
+
+
+@pytest.mark.parametrize("n_good", [6, 60])
+def test_decode_gives_the_same_columns_with_or_without_bad_neighbours(n_good: int) -> None:
+    # conflicting feature types, mixed ts types and integral floats force scans, splits and the
+    # canonical second pass; none of it may show in the columns
+    good = [odd_but_valid(i) for i in range(n_good)]
+    bad = [b"{", enc(event(99, ts="now")), enc(event(99, status=True)), b'{"a":1,"a":2}']
+    mixed = list(good)
+    for k, m in enumerate(bad):
+        mixed.insert(1 + k * (n_good // len(bad) + 1), m)
+    alone, together = decode(good), decode(mixed)
     assert len(alone.rejects) == 0 and len(together.rejects) == 4
     assert_same_batch(alone.batch, together.batch)
-    singles = [decode([m]).batch for m in good]
+    singles = [decode([m]).batch for m in good[:6]]
     assert [b.status.tolist() for b in singles] == [[200], [200], [404], [200], [200], [200]]
+    for i, single in enumerate(singles):
+        assert row_view(single, 0) == row_view(alone.batch, i)
     assert "a" in alone.batch.num_names and "a" in alone.batch.cat_names
-    assert alone.batch.ground_truth.tolist() == ["", "", "", "0.25", "ok", ""]
+    assert alone.batch.ground_truth.tolist()[:6] == ["", "", "", "0.25", "ok", ""]
 
 
 # --- property tests -------------------------------------------------------------------------

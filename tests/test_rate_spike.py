@@ -52,6 +52,7 @@ class _Key:
 @dataclass
 class _Pop:
     clock: int | None = None
+    first: int | None = None
     high: float = math.inf
     counts: dict[int, dict[int, int]] = field(default_factory=dict)  # bucket -> bin -> keys
 
@@ -151,6 +152,10 @@ class NaiveRateSpike:
         pop.clock = b
         for old in [x for x in pop.counts if x <= b - len(self.weights)]:
             del pop.counts[old]
+        pop.first = b if pop.first is None else pop.first
+        if b - pop.first < 2 * self.warmup:
+            pop.high = math.inf
+            return
         hist = [0] * (len(self.edges) - 1)
         for bucket, bins in pop.counts.items():
             for bin_, c in bins.items():
@@ -364,7 +369,8 @@ def test_rate_spike_episode_resolves_after_one_quiet_bucket_and_reopens_later() 
     out = det.update(r.inputs(counted(warm + spike1 + spike2)))
     statuses = [(a.status, a.episode_start_ms - T0_MS) for a in out.alerts]
     assert statuses == [("firing", 40_000), ("resolved", 40_000), ("firing", 60_000)]
-    assert out.alerts[1].ts_ms == T0_MS + 60_000  # cleared when the quiet bucket ended
+    assert out.alerts[1].resolved_ms == T0_MS + 60_000  # cleared when the quiet bucket ended
+    assert out.alerts[1].ts_ms == out.alerts[0].ts_ms  # ts stays the crossing time
     assert det.advance(T0_MS + 79_999).alerts == ()
     (resolved,) = det.advance(T0_MS + 80_000).alerts
     assert resolved.status == "resolved" and resolved.event_count == 10 - 3
