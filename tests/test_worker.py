@@ -173,3 +173,53 @@ def test_event_schema_file_is_valid_json_schema() -> None:
     from schemas.event_schema import load_schema
 
     jsonschema.Draft202012Validator.check_schema(load_schema())
+
+
+BAD_LINES = {
+    "bad_json": b'{"schema_version": 1, "event_id": ',
+    "non_finite_number": b'{"schema_version":1,"event_id":"b2","ts":1767225600000,'
+    b'"model_id":"m","api_key_id":"k","latency_ms":NaN}',
+    "duplicate_key": b'{"schema_version":1,"event_id":"b3","ts":1767225600000,'
+    b'"model_id":"m","api_key_id":"k","api_key_id":"other"}',
+    "wrong_type": b'{"schema_version":1,"event_id":"b4","ts":1767225600000,'
+    b'"model_id":"m","api_key_id":7}',
+    "missing_field": b'{"schema_version":1,"event_id":"b5","ts":1767225600000,"model_id":"m"}',
+    "unknown_schema_version": b'{"schema_version":2,"event_id":"b6","ts":1767225600000,'
+    b'"model_id":"m","api_key_id":"k"}',
+    "oversize_message": b'{"schema_version":1,"event_id":"b7","ts":1767225600000,'
+    b'"model_id":"m","api_key_id":"k","attributes":{"pad":"' + b"x" * (1 << 20) + b'"}}',
+    "oversize_text": b'{"schema_version":1,"event_id":"b8","ts":1767225600000,'
+    b'"model_id":"m","api_key_id":"k","input":{"prompt":"' + b"y" * (300 << 10) + b'"}}',
+    "oversize_vector": b'{"schema_version":1,"event_id":"b9","ts":1767225600000,'
+    b'"model_id":"m","api_key_id":"k","input":{"vector":[' + b"0," * 5000 + b"0]}}",
+    "bad_timestamp": b'{"schema_version":1,"event_id":"b10","ts":"2026-01-01 noon",'
+    b'"model_id":"m","api_key_id":"k"}',
+}
+
+
+def test_worker_sends_every_bad_line_to_dead_letters_and_stores_every_good_one(
+    traffic: Path, tmp_path: Path
+) -> None:
+    good = traffic.read_bytes().splitlines()[:3_000]
+    lines = list(good)
+    for i, bad in enumerate(BAD_LINES.values()):
+        lines.insert(100 + i * 250, bad)
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    store_dir = tmp_path / "store"
+    counters = run_file(path, store_dir)
+    assert counters.events_total == len(good)
+    assert counters.rejects_total == {reason: 1 for reason in BAD_LINES}
+    with Store(f"chdb:{store_dir}") as store:
+        stored = {r[0] for r in store.query("SELECT event_id FROM events FINAL").result_rows}
+        dead = store.query(
+            "SELECT reason, detail, raw_bytes FROM dead_letters FINAL", binary=False
+        ).result_rows
+    assert stored == {json.loads(line)["event_id"] for line in good}
+    by_reason = {r[0]: (r[1], r[2]) for r in dead}
+    assert set(by_reason) == set(BAD_LINES)
+    for reason, bad in BAD_LINES.items():
+        detail, size = by_reason[reason]
+        assert detail and size == len(bad), (reason, detail)
+    assert "api_key_id" in by_reason["wrong_type"][0]
+    assert "api_key_id" in by_reason["missing_field"][0]
