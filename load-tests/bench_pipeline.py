@@ -13,6 +13,7 @@ Per-stage microseconds per event come from the worker's own stage timers on the 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import platform
 import statistics
@@ -92,7 +93,7 @@ def baseline_run(path: Path, store_dir: Path) -> float:
             rows.append(
                 [
                     ev["event_id"],
-                    ts / 1000 if isinstance(ts, int) else _parse_ts(ts),
+                    _parse_ts(ts),
                     ev["model_id"],
                     ev["api_key_id"],
                     ev.get("client_ip", ""),
@@ -108,10 +109,10 @@ def baseline_run(path: Path, store_dir: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _parse_ts(text: str) -> float:
-    import datetime as dt
-
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+def _parse_ts(ts: str | int) -> dt.datetime:
+    if isinstance(ts, int):
+        return dt.datetime.fromtimestamp(ts / 1000, dt.UTC)
+    return dt.datetime.fromisoformat(ts.replace("Z", "+00:00"))
 
 
 def in_subprocess(kind: str, path: Path) -> dict[str, object]:
@@ -143,6 +144,7 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=100_000)
     parser.add_argument("--large", type=int, default=400_000)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--only", choices=["worker", "kafka", "baseline"], default=None)
     args = parser.parse_args()
     from streams.simulate import write
 
@@ -153,6 +155,7 @@ def main() -> None:
         size = large.stat().st_size / args.large
         print(f"machine: {platform.machine()}, {platform.python_version()}, bytes/event {size:.0f}")
         kinds = ["worker", "kafka"] + ([] if args.skip_baseline else ["baseline"])
+        kinds = [args.only] if args.only else kinds
         for kind in kinds:
             rates, stage_runs = [], []
             for _ in range(args.runs):
