@@ -7,7 +7,7 @@ Choices, and why:
   where it was. So each prediction channel of the reference (``score`` for a 2-class,
   regression or single-column model, ``score:<class>`` per class and ``label`` for the
   predicted label of multi-class models, ``label`` for label-only ones;
-  :mod:`detectors.reference`) gets its own PSI. Counts are one ``(channels, bins)`` array per
+  :mod:`detectors.channels`) gets its own PSI. Counts are one ``(channels, bins)`` array per
   pane, so every channel of every window is computed at once.
 - **Event-time hopping windows.** Each (model, model_version) keeps one histogram per pane
   (``hop_s`` of event time) on its reference's bins. A window of ``window_s`` is a sum of
@@ -34,14 +34,14 @@ Choices, and why:
   inconclusive: they neither open nor clear an episode. When a model runs several versions their
   windows are read in (window end, version) order and any of them can open or hold the episode.
 - **State** is model-level and small: a few panes per version, each at most 33 channels by the
-  reference's bins (:data:`detectors.reference.MAX_CLASS_CHANNELS`), plus the episodes;
+  reference's bins (:data:`detectors.channels.MAX_CLASS_CHANNELS`), plus the episodes;
   ``snapshot`` saves all of it as JSON when it changed (``None`` otherwise).
 
 A 3-class model whose class mix shifts towards "high":
 
 >>> import dataclasses
 >>> from detectors.base import DetectorInput, KeySpace
->>> from detectors.reference import ReferenceStore
+>>> from detectors.reference_store import ReferenceStore
 >>> from detectors.routing import ModelView
 >>> from schemas.batch import empty_batch
 >>> labels = ("low", "mid", "high")
@@ -73,7 +73,6 @@ Output(findings=(), alerts=(), metrics=())
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -90,16 +89,14 @@ from detectors.base import (
     Output,
     Severity,
     Snapshot,
-    WindowMetric,
 )
-from detectors.reference import LABEL_CHANNEL, Channels, Reference
+from detectors.channels import LABEL_CHANNEL, bin_quantiles
+from detectors.panes import Track, Window, window_counts
 from detectors.registry import register
 from schemas.batch import EventBatch
 
 EPSILON = 1e-4  # floor on bin proportions
 CLEAR_FACTOR = 0.8  # a window clears an episode below CLEAR_FACTOR * threshold
-QUANTILES = (0.1, 0.5, 0.9)
-METRIC = "psi_prediction"
 TOP_CHANNELS = 5  # channels ranked in an alert's evidence
 
 
@@ -122,155 +119,6 @@ def psi(reference_counts: I64, current_counts: I64, epsilon: float = EPSILON) ->
     0.8789
     """
     return float(psi_rows(reference_counts[None], current_counts[None], epsilon)[0])
-
-
-def bin_quantiles(counts: I64, edges: F64, lo: float, hi: float) -> dict[str, float]:
-    """p10/p50/p90 interpolated within bins; the outer bins end at the observed ``lo``/``hi``."""
-    if edges.size == 0 or np.isnan(lo) or counts.sum() == 0:
-        return {}
-    bounds = np.concatenate([[min(lo, edges[0])], edges, [max(hi, edges[-1])]])
-    cdf = np.concatenate([[0.0], np.cumsum(counts)]) / counts.sum()
-    values = np.interp(QUANTILES, cdf, bounds)
-    return {
-        f"p{round(q * 100)}": round(float(v), 6) for q, v in zip(QUANTILES, values, strict=True)
-    }
-
-
-def metric_feature(channel: str, version: str) -> str:
-    """The ``feature`` of a metric row (module doc).
-
-    >>> metric_feature("score:high", "7.1.0"), metric_feature("score", "")
-    ('score:high@7.1.0', 'score')
-    """
-    return f"{channel}@{version}" if version else channel
-
-
-@dataclass(slots=True)
-class _Track:
-    """One (model, version): its reference's channels and bins, and its open panes."""
-
-    layout: Channels
-    ref_counts: I64  # (channels, bins)
-    ref_range: F64  # (channels, 2): min and max of the reference's values
-    start_h: int  # first pane counted, in hops since the epoch
-    pane_ids: I64  # sorted
-    counts: I64  # (panes, channels, bins)
-    lo: F64  # (panes, channels): min value (NaN for the label channel)
-    hi: F64
-
-    @classmethod
-    def of(cls, ref: Reference, hop_ms: int) -> _Track:
-        n, width = ref.channel_counts.shape
-        return cls(
-            ref.layout,
-            np.asarray(ref.channel_counts, np.int64),
-            np.asarray(ref.channel_range, np.float64),
-            ref.last_ts_ms // hop_ms + 1,
-            np.zeros(0, np.int64),
-            np.zeros((0, n, width), np.int64),
-            np.zeros((0, n)),
-            np.zeros((0, n)),
-        )
-
-    def same_bins(self, ref: Reference) -> bool:
-        return self.layout.same(ref.layout) and np.array_equal(self.ref_counts, ref.channel_counts)
-
-    def add(self, pane: I64, bins: I64, values: F64) -> None:
-        """Count ``bins`` (events, channels; -1 for none) into their panes."""
-        _, n, width = self.counts.shape
-        ids = np.union1d(self.pane_ids, pane)
-        if ids.size != self.pane_ids.size:
-            at = np.searchsorted(ids, self.pane_ids)
-            counts = np.zeros((ids.size, n, width), np.int64)
-            lo, hi = np.full((ids.size, n), np.nan), np.full((ids.size, n), np.nan)
-            counts[at], lo[at], hi[at] = self.counts, self.lo, self.hi
-            self.pane_ids, self.counts, self.lo, self.hi = ids, counts, lo, hi
-        event, channel = np.nonzero(bins >= 0)
-        at = np.searchsorted(self.pane_ids, pane)[event]
-        flat = (at * n + channel) * width + bins[event, channel]
-        self.counts += np.bincount(flat, minlength=self.counts.size).reshape(self.counts.shape)
-        np.fmin.at(self.lo, (at, channel), values[event, channel])
-        np.fmax.at(self.hi, (at, channel), values[event, channel])
-
-    def to_json(self) -> dict[str, Any]:
-        layout = self.layout
-        return {
-            "score_type": layout.score_type,
-            "names": layout.names,
-            "columns": layout.columns,
-            "categories": layout.categories,
-            "class_order": layout.class_order,
-            "edges": layout.edges.tolist(),  # +inf padding becomes null
-            "ref_counts": self.ref_counts.tolist(),
-            "ref_range": self.ref_range.tolist(),
-            "start_h": self.start_h,
-            "pane_ids": self.pane_ids.tolist(),
-            "counts": self.counts.tolist(),
-            "lo": self.lo.tolist(),
-            "hi": self.hi.tolist(),
-        }
-
-    @classmethod
-    def from_json(cls, state: dict[str, Any]) -> _Track:
-        ref_counts = np.asarray(state["ref_counts"], np.int64)
-        n, width = ref_counts.shape
-        edges = np.asarray(state["edges"], np.float64).reshape(n, -1)  # JSON null -> NaN
-        layout = Channels(
-            state["score_type"],
-            tuple(state["names"]),
-            tuple(state["columns"]),
-            tuple(state["categories"]),
-            tuple(state["class_order"]),
-            np.where(np.isnan(edges), np.inf, edges),  # edges are never NaN, padding is +inf
-        )
-        return cls(
-            layout,
-            ref_counts,
-            np.asarray(state["ref_range"], np.float64).reshape(n, 2),
-            state["start_h"],
-            np.asarray(state["pane_ids"], np.int64),
-            np.asarray(state["counts"], np.int64).reshape(-1, n, width),
-            np.asarray(state["lo"], np.float64).reshape(-1, n),
-            np.asarray(state["hi"], np.float64).reshape(-1, n),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class _Window:
-    """One evaluated window of one (model, version): PSI and events per channel."""
-
-    model_id: str
-    version: str
-    start_ms: int
-    end_ms: int
-    channels: tuple[str, ...]
-    psi: F64  # per channel, NaN for a channel without events
-    events: I64  # per channel
-    top: int  # the channel that decides (module doc)
-    evidence: dict[str, Any]
-
-    @property
-    def value(self) -> float:
-        return float(self.psi[self.top])
-
-    @property
-    def count(self) -> int:
-        return int(self.events[self.top])
-
-    def metrics(self) -> list[WindowMetric]:
-        return [
-            WindowMetric(
-                self.model_id,
-                METRIC,
-                self.start_ms,
-                self.end_ms,
-                float(self.psi[j]),
-                metric_feature(name, self.version),
-                int(self.events[j]),
-            )
-            for j, name in enumerate(self.channels)
-            if self.events[j] > 0
-        ]
 
 
 @register("drift.psi")
@@ -309,7 +157,7 @@ class PSI(DetectorBase):
     def reset(self) -> None:
         self.late_events_total = 0
         self._closed_h: int | None = None  # panes before this one are closed
-        self._tracks: dict[tuple[str, str], _Track] = {}
+        self._tracks: dict[tuple[str, str], Track] = {}
         self._episodes: dict[str, dict[str, Any]] = {}
         self._changed = True
 
@@ -340,12 +188,12 @@ class PSI(DetectorBase):
                 continue
             track = self._tracks.get(key)
             if track is None or not track.same_bins(ref):
-                track = self._tracks[key] = _Track.of(ref, self._hop_ms)
+                track = self._tracks[key] = Track.of(ref, self._hop_ms)
                 self._changed = True
             self._count(track, ev, np.flatnonzero((group == g) & ok))
         return EMPTY
 
-    def _count(self, track: _Track, ev: EventBatch, rows: I64) -> None:
+    def _count(self, track: Track, ev: EventBatch, rows: I64) -> None:
         bins, values = track.layout.of(ev, rows)
         pane = ev.ts_ms[rows] // self._hop_ms
         keep = (bins >= 0).any(axis=1) & (pane >= track.start_h)
@@ -366,7 +214,7 @@ class PSI(DetectorBase):
             return EMPTY
         self._closed_h = closed
         self._changed = True
-        windows: list[_Window] = []
+        windows: list[Window] = []
         for key in sorted(self._tracks):
             track = self._tracks[key]
             windows.extend(self._windows(key, track, prev, closed))
@@ -379,32 +227,24 @@ class PSI(DetectorBase):
         return Output(alerts=tuple(alerts), metrics=metrics)
 
     def _windows(
-        self, key: tuple[str, str], track: _Track, prev: int | None, closed: int
-    ) -> list[_Window]:
+        self, key: tuple[str, str], track: Track, prev: int | None, closed: int
+    ) -> list[Window]:
         """Windows ending in (prev, closed] hops that hold at least one event, all channels of
         all of them at once."""
         if track.pane_ids.size == 0:
             return []
         w = self._panes
-        ends = np.unique(track.pane_ids[:, None] + np.arange(1, w + 1))
-        ends = ends[(ends <= closed) & (ends - w >= track.start_h)]
-        if prev is not None:
-            ends = ends[ends > prev]
-        zero = np.zeros((1, *track.counts.shape[1:]), np.int64)
-        cum = np.concatenate([zero, track.counts.cumsum(axis=0)])
-        first = np.searchsorted(track.pane_ids, ends - w)
-        last = np.searchsorted(track.pane_ids, ends)
-        current = cum[last] - cum[first]  # (windows, channels, bins)
+        ends, first, last, current = window_counts(track, w, prev, closed)
         values = psi_rows(track.ref_counts, current)
         events = current.sum(axis=2)
-        out: list[_Window] = []
+        out: list[Window] = []
         for i, end in enumerate(ends.tolist()):
             top = self._top(values[i], events[i])
             a, z = first[i], last[i]
             lo = float(np.fmin.reduce(track.lo[a:z, top]))
             hi = float(np.fmax.reduce(track.hi[a:z, top]))
             out.append(
-                _Window(
+                Window(
                     key[0],
                     key[1],
                     (end - w) * self._hop_ms,
@@ -428,7 +268,7 @@ class PSI(DetectorBase):
 
     def _evidence(
         self,
-        track: _Track,
+        track: Track,
         current: I64,
         values: F64,
         events: I64,
@@ -470,7 +310,7 @@ class PSI(DetectorBase):
             "quantile_method": "interpolated within the PSI bins",
         }
 
-    def _episode(self, w: _Window) -> AlertChange | None:
+    def _episode(self, w: Window) -> AlertChange | None:
         """Open, hold or resolve the model's episode with one conclusive window."""
         if w.count < self.min_events:
             return None
@@ -491,7 +331,7 @@ class PSI(DetectorBase):
         del self._episodes[w.model_id]
         return self._alert(w, ep, "resolved")
 
-    def _alert(self, w: _Window, ep: dict[str, Any], status: str) -> AlertChange:
+    def _alert(self, w: Window, ep: dict[str, Any], status: str) -> AlertChange:
         version = f" version {w.version}" if w.version else ""
         channel = w.channels[w.top]
         if status == "firing":
@@ -549,6 +389,6 @@ class PSI(DetectorBase):
         self._closed_h = state["closed_h"]
         # a track saved before channels (no "names") is dropped: the next batch rebuilds it from
         # its reference, losing at most one window of counts
-        self._tracks = {(m, v): _Track.from_json(t) for m, v, t in state["tracks"] if "names" in t}
+        self._tracks = {(m, v): Track.from_json(t) for m, v, t in state["tracks"] if "names" in t}
         self._episodes = state["episodes"]
         self._changed = False

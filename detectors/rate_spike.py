@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import numpy as np
@@ -18,164 +16,14 @@ from detectors.base import (
     AlertChange,
     DetectorBase,
     DetectorInput,
-    Findings,
-    KeyedColumns,
     KeySpace,
     Output,
     Snapshot,
-    entity_name,
-    json_evidence,
     segment_starts,
 )
+from detectors.population import NONE, WEIGHT_ONE, population_highs, population_weights
+from detectors.rate_state import Episode, RateEpisodes, Runs, Table, rate_findings
 from detectors.registry import register
-
-NONE = int(np.iinfo(np.int64).min)
-WEIGHT_ONE = 1 << 24  # population weights are integers, so the p99 is exact and order-free
-# Lower edges of the population histogram's bins: quarter octaves of request counts, as integers.
-EDGES = np.array(sorted({math.ceil(2 ** (m / 4)) for m in range(4 * 40 + 1)}), np.int64)
-QUANTILE = (99, 100)
-
-COLUMNS: dict[str, tuple[Any, Any]] = {
-    "bucket": (np.int64, NONE),  # the key's current bucket index
-    "count": (np.int64, 0),  # requests in the current bucket
-    "threshold": (np.float64, 0.0),  # fixed when the current bucket opened
-    "mean": (np.float64, 0.0),  # EWMA of completed bucket counts (history before the bucket)
-    "var": (np.float64, 0.0),
-    "n_buckets": (np.int64, 0),  # completed buckets folded in, capped
-    "ep_start": (np.int64, NONE),  # open episode's start in event time, NONE when none
-    "ep_bucket": (np.int64, NONE),  # last spiking bucket of the open episode
-    "ep_count": (np.int64, 0),
-    "ep_first": (np.int64, 0),
-    "ep_last": (np.int64, 0),
-    "ep_peak": (np.float64, 0.0),  # highest count / threshold of the episode
-}
-
-
-def population_weights(history_buckets: int) -> list[int]:
-    """Integer decay weights of completed bucket counts by age in buckets (age < ring length)."""
-    beta = 1.0 - 2.0 / (history_buckets + 1)
-    length = max(2, min(4096, math.ceil(math.log(1e-4) / math.log(beta)) if beta > 0 else 2))
-    return [int(WEIGHT_ONE * beta**age) for age in range(length)]
-
-
-@dataclass(slots=True)
-class _Episode:
-    """What an open episode needs beyond its numeric columns; only open episodes have one."""
-
-    entity: str
-    model_id: str
-    tenant: str
-    crossing_ms: int
-    samples: list[str] = field(default_factory=list)
-    evidence: dict[str, Any] = field(default_factory=dict)
-    opened_now: bool = False
-    touched: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "entity": self.entity,
-            "model_id": self.model_id,
-            "tenant": self.tenant,
-            "crossing_ms": self.crossing_ms,
-            "samples": self.samples,
-            "evidence": self.evidence,
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class _Runs:
-    """One entity type's rows of a batch cut into runs of (key, bucket), for the episode step."""
-
-    et: str
-    table: _Table
-    batch: DetectorInput
-    rows: I64
-    order: I64
-    ts: I64
-    start: I64
-    length: I64
-    slot: I64
-    bucket: I64
-    total: I64
-    base: I64
-    thr: F64
-    mean: F64
-    var: F64
-    high: F64
-
-
-class _Population:
-    """Decayed histogram of completed bucket counts of one entity type, as a ring of integer
-    counts per bucket index; its p99 is the yardstick for keys without a history."""
-
-    def __init__(self, weights: list[int], min_weight: int, warm_buckets: int) -> None:
-        self.weights = np.array(weights, np.int64)
-        self.length = len(weights)
-        self.min_weight = min_weight
-        self.warm_buckets = warm_buckets
-        self.first = NONE  # the first bucket this population saw
-        self.clock = NONE
-        self.high = math.inf
-        self.ring = np.zeros((self.length, len(EDGES) - 1), np.int64)
-
-    def add(self, buckets: I64, counts: I64) -> None:
-        keep = buckets > self.clock - self.length
-        if not keep.any():
-            return
-        bins = np.minimum(np.searchsorted(EDGES, counts[keep], "right") - 1, len(EDGES) - 2)
-        np.add.at(self.ring, (buckets[keep] % self.length, bins), 1)
-
-    def advance_to(self, clock: int) -> None:
-        if self.clock != NONE:
-            if clock - self.clock >= self.length:
-                self.ring[:] = 0
-            else:
-                self.ring[np.arange(self.clock + 1, clock + 1) % self.length] = 0
-        self.clock = clock
-        if self.first == NONE:
-            self.first = clock
-        if clock - self.first < self.warm_buckets:
-            # the first buckets after a start are partial or few: their p99 is no yardstick
-            self.high = math.inf
-            return
-        ages = (clock - np.arange(self.length)) % self.length
-        hist = (self.weights[ages] @ self.ring).tolist()
-        total = sum(hist)
-        if total < self.min_weight:
-            self.high = math.inf
-            return
-        cum = 0
-        for i, h in enumerate(hist):  # Python ints: exact, no overflow
-            cum += h
-            if cum * QUANTILE[1] >= total * QUANTILE[0]:
-                self.high = float(EDGES[i + 1] - 1)
-                return
-
-    def to_json(self) -> dict[str, Any]:
-        j, b = np.nonzero(self.ring)
-        return {
-            "clock": None if self.clock == NONE else self.clock,
-            "first": None if self.first == NONE else self.first,
-            "high": None if math.isinf(self.high) else self.high,
-            "ring": [j.tolist(), b.tolist(), self.ring[j, b].tolist()],
-        }
-
-    def from_json(self, state: dict[str, Any]) -> None:
-        self.clock = NONE if state["clock"] is None else int(state["clock"])
-        self.first = NONE if state.get("first") is None else int(state["first"])
-        self.high = math.inf if state["high"] is None else float(state["high"])
-        self.ring[:] = 0
-        j, b, c = state["ring"]
-        self.ring[np.asarray(j, np.int64), np.asarray(b, np.int64)] = c
-
-
-class _Table:
-    """All state of one entity type."""
-
-    def __init__(self, weights: list[int], min_weight: int, warm_buckets: int) -> None:
-        self.cols = KeyedColumns(COLUMNS)
-        self.population = _Population(weights, min_weight, warm_buckets)
-        self.episodes: dict[int, _Episode] = {}
 
 
 def _segmented_cummax(values: I64, seg_id: I64) -> I64:
@@ -190,7 +38,7 @@ def _segmented_cummax(values: I64, seg_id: I64) -> I64:
 
 
 @register("abuse.rate_spike")
-class RateSpike(DetectorBase):
+class RateSpike(RateEpisodes, DetectorBase):
     """A caller's request rate jumps far above its own history, or far above what callers do.
 
     Counts requests per api key and per client IP (per partition, DESIGN.md section 2) in
@@ -306,7 +154,7 @@ class RateSpike(DetectorBase):
         weights = population_weights(self.history_buckets)
         min_weight = math.ceil(self.min_population * WEIGHT_ONE)
         warm = 2 * self.warmup_buckets
-        self.tables = {et: _Table(weights, min_weight, warm) for et in self.entity_types}
+        self.tables = {et: Table(weights, min_weight, warm) for et in self.entity_types}
         self._model_dirty = False
 
     # -- per-key arithmetic, vectorised over keys ------------------------------------------
@@ -362,51 +210,13 @@ class RateSpike(DetectorBase):
             res = self._update_type(et, table, batch, rows, alerts)
             parts.append((*res, order_et))
         alerts.sort(key=lambda a: (a.ts_ms, a.entity_type, a.entity, a.status == "resolved"))
-        findings = self._findings(parts)
+        findings = rate_findings(parts, self.entity_types)
         return Output(findings=findings, alerts=tuple(alerts))
-
-    def _findings(
-        self, parts: list[tuple[I64, F64, I64, F64, I64, F64, int]]
-    ) -> tuple[Findings, ...]:
-        if not parts or all(p[0].size == 0 for p in parts):
-            return ()
-        rows = np.concatenate([p[0] for p in parts])
-        score = np.concatenate([p[1] for p in parts])
-        count = np.concatenate([p[2] for p in parts])
-        thr = np.concatenate([p[3] for p in parts])
-        start = np.concatenate([p[4] for p in parts])
-        mean = np.concatenate([p[5] for p in parts])
-        et_idx = np.concatenate([np.full(p[0].size, p[6]) for p in parts])
-        # one finding per event: the entity type with the higher score, api_key on a tie
-        order = np.lexsort((et_idx, -score, rows))
-        keep = order[np.r_[True, rows[order][1:] != rows[order][:-1]]]
-        ets = [self.entity_types[i] for i in et_idx[keep].tolist()]
-        evidence = json_evidence(
-            [
-                {
-                    "count": c,
-                    "threshold": t,
-                    "bucket_start": s,
-                    "mean": round(m, 3),
-                    "entity_type": e,
-                }
-                for c, t, s, m, e in zip(
-                    count[keep].tolist(),
-                    thr[keep].tolist(),
-                    start[keep].tolist(),
-                    mean[keep].tolist(),
-                    ets,
-                    strict=True,
-                )
-            ]
-        )
-        label = np.full(keep.size, "rate_spike", dtype=object)
-        return (Findings(rows[keep], label, score[keep], evidence),)
 
     def _update_type(
         self,
         et: str,
-        table: _Table,
+        table: Table,
         batch: DetectorInput,
         rows: I64,
         alerts: list[AlertChange],
@@ -448,7 +258,7 @@ class RateSpike(DetectorBase):
         p_c = np.where(rank > 0, run_total[prev_run], cols["count"][run_slot])
         has_prev = ~cont & (p_b != NONE)
         open_row = order[run_start]  # arrival position of each run's first event
-        high = self._population(table.population, bucket, open_row, has_prev, p_b, p_c)
+        high = population_highs(table.population, bucket, open_row, has_prev, p_b, p_c)
         r_mean, r_var, r_n, r_thr = self._levels(
             cols, rank, cont, has_prev, run_slot, run_b, p_b, p_c, high[open_row]
         )
@@ -465,7 +275,7 @@ class RateSpike(DetectorBase):
         table.cols.mark(seg_slot)
         spiking = np.flatnonzero(run_total > r_thr)
         if spiking.size:
-            runs = _Runs(
+            runs = Runs(
                 et,
                 table,
                 batch,
@@ -493,41 +303,6 @@ class RateSpike(DetectorBase):
             eff[flag] * self.bucket_ms,
             r_mean[run_id[flag]],
         )
-
-    def _population(
-        self,
-        pop: _Population,
-        bucket: I64,
-        open_row: I64,
-        has_prev: npt.NDArray[np.bool_],
-        p_b: I64,
-        p_c: I64,
-    ) -> F64:
-        """The population high per row (arrival order). The clock is the running maximum of
-        buckets; at each step of it the high is recomputed from the buckets completed by
-        earlier events, so it does not depend on how the stream is cut into batches."""
-        n = bucket.size
-        clock = np.maximum.accumulate(bucket)
-        if pop.clock != NONE:
-            clock = np.maximum(clock, pop.clock)
-        before = np.empty(n, np.int64)
-        before[0] = pop.clock
-        before[1:] = clock[:-1]
-        steps = np.flatnonzero(clock > before)
-        folds = np.flatnonzero(has_prev)
-        f_order = np.argsort(open_row[folds], kind="stable")
-        f_row, f_b, f_c = (x[folds][f_order] for x in (open_row, p_b, p_c))
-        cut = np.searchsorted(f_row, steps)
-        highs = np.empty(steps.size + 1)
-        highs[0] = pop.high
-        lo = 0
-        for i, (row, hi) in enumerate(zip(steps.tolist(), cut.tolist(), strict=True)):
-            pop.add(f_b[lo:hi], f_c[lo:hi])
-            lo = hi
-            pop.advance_to(int(clock[row]))
-            highs[i + 1] = pop.high
-        pop.add(f_b[lo:], f_c[lo:])
-        return highs[np.searchsorted(steps, np.arange(n), "right")]
 
     def _levels(
         self,
@@ -563,142 +338,6 @@ class RateSpike(DetectorBase):
             r_mean[r], r_var[r], r_n[r] = m, v, k
             r_thr[r] = self._threshold(m, v, k, high[r])
         return r_mean, r_var, r_n, r_thr
-
-    # -- episodes ----------------------------------------------------------------------------
-
-    def _episodes(self, runs: _Runs, spiking: I64, alerts: list[AlertChange]) -> None:
-        """Open, extend and close episodes for the runs (key, bucket) that spiked: a loop over
-        the few spiking runs, not over keys or events."""
-        table, cols, events = runs.table, runs.table.cols.cols, runs.batch.events
-        for r in spiking.tolist():
-            slot = int(runs.slot[r])
-            b = int(runs.bucket[r])
-            thr = float(runs.thr[r])
-            if cols["ep_start"][slot] != NONE and b >= cols["ep_bucket"][slot] + 2:
-                self._close(runs.et, table, slot, alerts)
-            # counts rise within a run, so its flagged events are its tail
-            first = int(runs.start[r]) + max(0, int(thr) - int(runs.base[r]))
-            end = int(runs.start[r] + runs.length[r])
-            flagged = runs.rows[runs.order[first:end]]
-            f_ts = runs.ts[runs.order[first:end]]
-            ep = table.episodes.get(slot)
-            if cols["ep_start"][slot] == NONE:
-                cross = int(flagged[0])
-                ep = table.episodes[slot] = _Episode(
-                    self._name(runs.et, runs.batch.keyspace, slot),
-                    str(events.model_id[cross]),
-                    str(events.tenant[cross]),
-                    int(events.ts_ms[cross]),
-                    opened_now=True,
-                )
-                cols["ep_start"][slot] = b * self.bucket_ms
-                cols["ep_first"][slot] = f_ts.min()
-                cols["ep_last"][slot] = f_ts.max()
-            elif ep is None:  # restored rows without their model-level extras
-                ep = table.episodes[slot] = self._placeholder(runs.et, runs.batch.keyspace, slot)
-            ep.touched = True
-            cols["ep_bucket"][slot] = b
-            cols["ep_count"][slot] += flagged.size
-            cols["ep_first"][slot] = min(int(cols["ep_first"][slot]), int(f_ts.min()))
-            cols["ep_last"][slot] = max(int(cols["ep_last"][slot]), int(f_ts.max()))
-            if len(ep.samples) < 5:
-                ep.samples.extend(str(e) for e in events.event_id[flagged[: 5 - len(ep.samples)]])
-            peak = float(runs.total[r]) / thr
-            if peak > cols["ep_peak"][slot]:
-                cols["ep_peak"][slot] = peak
-                pop_high = float(runs.high[runs.order[end - 1]])
-                ep.evidence = {
-                    "count": int(runs.total[r]),
-                    "threshold": thr,
-                    "mean": round(float(runs.mean[r]), 3),
-                    "std": round(math.sqrt(float(runs.var[r])), 3),
-                    "bucket_s": self.bucket_s,
-                    "bucket_start_ms": b * self.bucket_ms,
-                    "population_high": None if math.isinf(pop_high) else pop_high,
-                }
-        for slot, ep in table.episodes.items():
-            if ep.touched:
-                alerts.append(self._alert(runs.et, table, slot, "firing"))
-                ep.touched = ep.opened_now = False
-
-    @staticmethod
-    def _name(et: str, keyspace: KeySpace, slot: int) -> str:
-        return entity_name(et, str(keyspace[et].keys_of(np.array([slot]))[0]))
-
-    def _placeholder(self, et: str, keyspace: KeySpace, slot: int) -> _Episode:
-        start = int(self.tables[et].cols.cols["ep_start"][slot])
-        return _Episode(self._name(et, keyspace, slot), "", "", start)
-
-    def _close(self, et: str, table: _Table, slot: int, alerts: list[AlertChange]) -> None:
-        ep = table.episodes.get(slot)
-        if ep is not None and ep.opened_now:  # opened and closed in one batch: say it fired
-            alerts.append(self._alert(et, table, slot, "firing"))
-        alerts.append(self._alert(et, table, slot, "resolved"))
-        table.episodes.pop(slot, None)
-        cols = table.cols.cols
-        for name in ("ep_start", "ep_bucket", "ep_count", "ep_first", "ep_last", "ep_peak"):
-            cols[name][slot] = COLUMNS[name][1]
-        table.cols.mark(np.array([slot]))
-
-    def _alert(self, et: str, table: _Table, slot: int, status: str) -> AlertChange:
-        cols = table.cols.cols
-        ep = table.episodes[slot]
-        who = "api key" if et == "api_key" else "client IP"
-        shown = ep.entity if et != "api_key" or len(ep.entity) <= 12 else ep.entity[:8] + "…"
-        peak = float(cols["ep_peak"][slot])
-        ev = ep.evidence
-        start_ms = int(cols["ep_start"][slot])
-        when = datetime.fromtimestamp(ev.get("bucket_start_ms", start_ms) / 1000, UTC)
-        basis = (
-            f"baseline {ev.get('mean', 0.0):.1f} ± {ev.get('std', 0.0):.1f} per bucket"
-            if ev.get("population_high") is None
-            else f"a new caller; population p99 {ev['population_high']:.0f} per bucket"
-        )
-        count = int(cols["ep_count"][slot])
-        summary = (
-            f"{ev.get('count', '?')} requests from {who} {ep.entity} in the {self.bucket_s} s "
-            f"bucket starting {when:%Y-%m-%d %H:%M:%S}Z against a threshold of "
-            f"{ev.get('threshold', 0.0):.0f} ({basis}); {count} requests over the threshold."
-        )
-        resolved = status == "resolved"
-        clear_ms = (int(cols["ep_bucket"][slot]) + 2) * self.bucket_ms
-        return AlertChange(
-            entity_type=et,
-            entity=ep.entity,
-            model_id=ep.model_id,
-            tenant=ep.tenant,
-            status="resolved" if resolved else "firing",
-            ts_ms=ep.crossing_ms,
-            resolved_ms=clear_ms if resolved else None,
-            episode_start_ms=start_ms,
-            first_seen_ms=int(cols["ep_first"][slot]),
-            last_seen_ms=int(cols["ep_last"][slot]),
-            score=peak,
-            threshold=float(ev.get("threshold", 0.0)),
-            severity="high" if peak >= 2 else "medium",
-            title=f"Request-rate spike on {who} {shown}",
-            summary=summary,
-            evidence=dict(ev),
-            event_count=count,
-            sample_event_ids=tuple(ep.samples),
-            detector=self.name,
-        )
-
-    def advance(self, watermark_ms: int) -> Output:
-        """Close the episodes whose last spiking bucket is a full bucket behind the watermark."""
-        alerts: list[AlertChange] = []
-        for et, table in self.tables.items():
-            if not table.episodes:
-                continue
-            slots = np.fromiter(table.episodes, np.int64, len(table.episodes))
-            due = slots[(table.cols.cols["ep_bucket"][slots] + 2) * self.bucket_ms <= watermark_ms]
-            for slot in np.sort(due).tolist():
-                self._close(et, table, slot, alerts)
-        if not alerts:
-            return EMPTY
-        self._model_dirty = True
-        alerts.sort(key=lambda a: (a.ts_ms, a.entity_type, a.entity))
-        return Output(alerts=tuple(alerts))
 
     # -- state -------------------------------------------------------------------------------
 
@@ -741,7 +380,7 @@ class RateSpike(DetectorBase):
                 for key, e in state[et]["episodes"].items():
                     slot = keyspace[et].slot_of(key)
                     if slot is not None:
-                        t.episodes[slot] = _Episode(**e)
+                        t.episodes[slot] = Episode(**e)
         for et, t in self.tables.items():  # open episodes whose extras were not saved with them
             for slot in np.flatnonzero(t.cols.cols["ep_start"] != NONE).tolist():
                 if slot not in t.episodes:

@@ -28,41 +28,25 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, TypeAlias, cast
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.json as pj
 
-from schemas.batch import (
-    F64,
-    I32,
-    I64,
-    Decoded,
-    EventBatch,
-    Limits,
-    Reject,
-    StrArray,
-    empty_batch,
-)
+from schemas.batch import I64, Decoded, Limits, Reject, empty_batch
+from schemas.columns import Piece, assemble, to_piece, vet
 from schemas.event_schema import (
     INPUT_FIELDS,
-    INT64_MAX,
     OPTIONAL_STRINGS,
     OUTPUT_FIELDS,
     REQUIRED_STRINGS,
-    STATUS_MAX,
     TOP_FIELDS,
-    TS_END_MS,
-    TS_MIN_MS,
     check_event,
 )
-
-Bool = npt.NDArray[np.bool_]
-Column: TypeAlias = pa.ChunkedArray  # pyarrow has no type stubs: Any to mypy
+from schemas.timestamps import Bool
+from schemas.timestamps import ts_text_ms as ts_text_ms
 
 # A message longer than this with as many brackets might nest deep enough to overflow pyarrow's
 # recursive parser (it segfaults somewhere past 10,000 levels); such messages go to the reference.
@@ -181,340 +165,6 @@ def _shape_ok(schema: pa.Schema) -> bool:
     )
 
 
-def _true(x: Column | pa.Array) -> Bool:
-    """A boolean column as numpy, null as False."""
-    out: Bool = pc.fill_null(x, False).to_numpy(zero_copy_only=False)
-    return out
-
-
-def _non_finite(x: Column) -> Bool:
-    if not pa.types.is_floating(x.type):
-        return np.zeros(len(x), bool)
-    return _true(pc.invert(pc.is_finite(x)))
-
-
-def _field(struct: Column, name: str) -> Column | None:
-    i = struct.type.get_field_index(name)
-    return pc.struct_field(struct, i) if i >= 0 else None
-
-
-def _map_bad(struct: Column | None, ok_types: tuple[pa.DataType, ...], n: int) -> Bool:
-    """Rows of an open object (features, scores, attributes) with a value of a wrong type."""
-    bad = np.zeros(n, bool)
-    if struct is None:
-        return bad
-    for i in range(struct.type.num_fields):
-        child = pc.struct_field(struct, i)
-        if child.type not in ok_types:
-            bad |= _true(child.is_valid())
-        else:
-            bad |= _non_finite(child)
-    return bad
-
-
-def _vet(table: pa.Table, limits: Limits) -> tuple[Bool, I64]:
-    """Rows that need the reference check, and ts in epoch ms (meaningful for the others)."""
-    n, col = table.num_rows, table.column
-    version = _column(table, "schema_version")
-    bad = np.ones(n, bool) if version is None else ~_true(version.is_valid())
-    bad |= _int_bad(version, 1, 1)
-    for name in REQUIRED_STRINGS:
-        bad |= ~_true(pc.greater(pc.binary_length(col(name)), 0))
-    ts = col("ts")
-    if pa.types.is_string(ts.type):
-        ts_ms, ok = ts_text_ms(ts)
-    else:
-        ts_ms, ok = int_column(ts, 0, n), _true(ts.is_valid())
-    bad |= ~(ok & (ts_ms >= TS_MIN_MS) & (ts_ms < TS_END_MS))
-    bad |= _int_bad(_column(table, "status"), 0, STATUS_MAX)
-    for name in ("tokens_in", "tokens_out"):
-        bad |= _int_bad(_column(table, name), 0, INT64_MAX)
-    bad |= _non_finite(col("latency_ms"))
-    inp, out, text_max = col("input"), col("output"), limits.max_text_bytes
-    numeric = (pa.int64(), pa.float64(), pa.bool_(), pa.string(), pa.null())
-    bad |= _map_bad(_field(inp, "features"), numeric, n)
-    vector = pc.struct_field(inp, "vector")
-    bad |= _true(pc.greater(pc.list_value_length(vector), limits.max_vector_dim))
-    values = pc.list_flatten(vector)
-    _mark(bad, vector, _true(pc.invert(pc.is_finite(values))) | ~_true(values.is_valid()))
-    bad |= _true(pc.greater(pc.binary_length(pc.struct_field(inp, "prompt")), text_max))
-    messages = pc.struct_field(inp, "messages")
-    items = pc.list_flatten(messages)
-    content = pc.struct_field(items, "content")
-    item_bad = ~_true(items.is_valid()) | ~_true(pc.struct_field(items, "role").is_valid())
-    item_bad |= ~_true(content.is_valid()) | _true(pc.greater(pc.binary_length(content), text_max))
-    _mark(bad, messages, item_bad)
-    bad |= _label_bad(_field(out, "label"))
-    bad |= _map_bad(_field(out, "scores"), (pa.int64(), pa.float64(), pa.null()), n)
-    bad |= _non_finite(pc.struct_field(out, "value"))
-    bad |= _true(pc.greater(pc.binary_length(pc.struct_field(out, "text")), text_max))
-    truth = col("ground_truth") if "ground_truth" in table.schema.names else None
-    bad |= _truth_bad(truth, n)
-    bad |= _map_bad(col("attributes"), (pa.string(), pa.null()), n)
-    return bad, ts_ms
-
-
-def _column(table: pa.Table, name: str) -> Column | None:
-    return table.column(name) if name in table.schema.names else None
-
-
-def _int_bad(x: Column | None, lo: int, hi: int) -> Bool | bool:
-    """Rows whose value is not an integral number in [lo, hi] (null is fine)."""
-    if x is None or x.type == pa.null():
-        return False
-    if x.type == pa.int64():
-        return _true(pc.or_(pc.less(x, lo), pc.greater(x, hi)))
-    if x.type == pa.float64():
-        ok = pc.and_(pc.equal(pc.floor(x), x), pc.greater_equal(x, float(lo)))
-        ok = pc.and_(ok, pc.less(x, float(hi) + 1))
-        return _true(x.is_valid()) & ~_true(ok)
-    return _true(x.is_valid())
-
-
-def _truth_bad(truth: Column | None, n: int) -> Bool:
-    if truth is None or truth.type in (pa.string(), pa.int64(), pa.null()):
-        return np.zeros(n, bool)
-    if pa.types.is_floating(truth.type):
-        return _non_finite(truth)
-    return _true(truth.is_valid())
-
-
-def _label_bad(label: Column | None) -> Bool | bool:
-    """An output.label that is not a string or an integer within +-2**53."""
-    if label is None or label.type in (pa.string(), pa.null()):
-        return False
-    if label.type == pa.int64():
-        return _true(pc.greater(pc.abs(label), 2**53))
-    if label.type == pa.float64():
-        integral = pc.equal(pc.floor(label), label)
-        return ~_true(pc.and_(integral, pc.less_equal(pc.abs(label), 2.0**53)))
-    return _true(label.is_valid())
-
-
-def _mark(bad: Bool, lists: Column, item_bad: Bool) -> None:
-    """Set ``bad`` on the rows whose list holds a bad item."""
-    if item_bad.any():
-        bad[pc.list_parent_indices(lists).to_numpy()[item_bad]] = True
-
-
-@dataclass
-class _Piece:
-    """Columns of some good messages, read by one fast pass."""
-
-    idx: I64
-    cols: dict[str, npt.NDArray[Any]]
-    num: dict[str, F64] = field(default_factory=dict)
-    cat: dict[str, StrArray] = field(default_factory=dict)
-    scores: dict[str, F64] = field(default_factory=dict)
-
-
-def _piece(table: pa.Table, idx: I64, ts_ms: I64) -> _Piece:
-    n, col = table.num_rows, table.column
-    cols: dict[str, npt.NDArray[Any]] = {"ts_ms": ts_ms}
-    for name in (*REQUIRED_STRINGS, *OPTIONAL_STRINGS):
-        cols[name] = string_column(col(name), n)
-    cols["status"] = int_column(_column(table, "status"), 200, n).astype(np.int32)
-    cols["latency_ms"] = float_column(col("latency_ms"))
-    cols["tokens_in"] = int_column(_column(table, "tokens_in"), -1, n)
-    cols["tokens_out"] = int_column(_column(table, "tokens_out"), -1, n)
-    piece = _Piece(idx, cols)
-    inp, out = col("input"), col("output")
-    feats = _field(inp, "features")
-    for i in range(feats.type.num_fields if feats is not None else 0):
-        assert feats is not None
-        name, child = feats.type.field(i).name, pc.struct_field(feats, i)
-        if child.type == pa.string():
-            piece.cat[name] = child.to_numpy(zero_copy_only=False)
-        elif child.type != pa.null():
-            piece.num[name] = float_column(child)
-    cols["vector"], cols["vector_len"] = padded_vector(pc.struct_field(inp, "vector"))
-    cols["prompt"] = _prompt(inp, n)
-    label = _field(out, "label")
-    if label is not None and label.type == pa.float64():
-        label = pc.cast(label, pa.int64())
-    cols["output_label"] = string_column(label, n, to_text=True)
-    scores = _field(out, "scores")
-    for i in range(scores.type.num_fields if scores is not None else 0):
-        assert scores is not None
-        if scores.type.field(i).type != pa.null():
-            piece.scores[scores.type.field(i).name] = float_column(pc.struct_field(scores, i))
-    cols["output_value"] = float_column(pc.struct_field(out, "value"))
-    cols["output_text"] = string_column(pc.struct_field(out, "text"), n)
-    cols["finish_reason"] = string_column(pc.struct_field(out, "finish_reason"), n)
-    truth = col("ground_truth") if "ground_truth" in table.schema.names else None
-    cols["ground_truth"] = number_text(truth, n)
-    cols["attributes"] = attributes_text(col("attributes"), n)
-    return piece
-
-
-def _prompt(inp: Column, n: int) -> StrArray:
-    """input.prompt, else the messages' contents joined by newlines, else ""."""
-    prompt = pc.struct_field(inp, "prompt")
-    messages = pc.struct_field(inp, "messages")
-    if messages.null_count == n:
-        return string_column(prompt, n)
-    joined = [
-        pa.ListArray.from_arrays(chunk.offsets, pc.struct_field(chunk.values, "content"))
-        for chunk in messages.chunks
-    ]
-    text = pc.binary_join(pa.chunked_array(joined, pa.list_(pa.string())), "\n")
-    return string_column(pc.coalesce(prompt, pc.if_else(messages.is_valid(), text, None)), n)
-
-
-def string_column(x: Column | None, n: int, to_text: bool = False) -> StrArray:
-    """A string column as an object array, "" where null; ``to_text`` casts numbers first."""
-    if x is None or x.null_count == len(x):
-        return np.full(n, "", dtype=object)
-    if to_text and x.type != pa.string():
-        x = pc.cast(x, pa.string())
-    out: StrArray = pc.fill_null(x, "").to_numpy(zero_copy_only=False)
-    return out
-
-
-def float_column(x: Column) -> F64:
-    out: F64 = pc.fill_null(pc.cast(x, pa.float64(), safe=False), np.nan).to_numpy()
-    return out
-
-
-def int_column(x: Column | None, default: int, n: int) -> I64:
-    """An integer column (read as int64, or as float64 when some value was written 200.0)."""
-    if x is None or x.null_count == len(x):
-        return np.full(n, default, np.int64)
-    return np.asarray(pc.fill_null(pc.cast(x, pa.int64()), default).to_numpy(), dtype=np.int64)
-
-
-def number_text(x: Column | None, n: int) -> StrArray:
-    """ground_truth: strings as they are, numbers as the shortest text of their float64."""
-    if x is not None and x.type in (pa.int64(), pa.float64()):
-        x = pc.cast(x, pa.float64(), safe=False)
-    return string_column(x, n, to_text=True)
-
-
-def padded_vector(vector: Column) -> tuple[F64, I32]:
-    n = len(vector)
-    lens = pc.fill_null(pc.list_value_length(vector), 0).to_numpy().astype(np.int32)
-    out = np.full((n, int(lens.max()) if n else 0), np.nan)
-    if out.size:
-        flat = pc.list_flatten(vector).to_numpy()
-        starts = np.repeat(np.cumsum(lens) - lens, lens)
-        out[np.repeat(np.arange(n), lens), np.arange(len(flat)) - starts] = flat
-    return out, lens
-
-
-_SHORT_ESCAPES = {"\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def _json_string_body(x: Column) -> Column:
-    """Strings escaped exactly as ``json.dumps(..., ensure_ascii=False)`` does, without quotes."""
-    x = pc.replace_substring(pc.replace_substring(x, "\\", "\\\\"), '"', '\\"')
-    if _true(pc.match_substring_regex(x, r"[\x00-\x1f]")).any():
-        for code in range(32):
-            c = chr(code)
-            x = pc.replace_substring(x, c, _SHORT_ESCAPES.get(c, f"\\u{code:04x}"))
-    return x
-
-
-def attributes_text(attrs: Column, n: int) -> StrArray:
-    """Compact JSON text with sorted keys (null values dropped), "" where absent."""
-    valid = _true(attrs.is_valid())
-    if not valid.any():
-        return np.full(n, "", dtype=object)
-    kinds = sorted((attrs.type.field(i).name, i) for i in range(attrs.type.num_fields))
-    pieces = [
-        pc.fill_null(
-            pc.binary_join_element_wise(
-                "," + json.dumps(name, ensure_ascii=False) + ':"',
-                _json_string_body(pc.struct_field(attrs, i)),
-                '"',
-                "",
-            ),
-            "",
-        )
-        for name, i in kinds
-        if attrs.type.field(i).type == pa.string()
-    ]
-    if pieces:
-        body = pc.utf8_slice_codeunits(pc.binary_join_element_wise(*pieces, ""), 1)
-        out = string_column(pc.binary_join_element_wise("{", body, "}", ""), n)
-    else:
-        out = np.full(n, "{}", dtype=object)
-    out[~valid] = ""
-    return out
-
-
-def _days_from_civil(y: I64, m: I64, d: I64) -> I64:
-    y = y - (m <= 2)
-    era = y // 400
-    yoe = y - era * 400
-    doy = (153 * (m + np.where(m > 2, -3, 9)) + 2) // 5 + d - 1
-    out: I64 = era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
-    return out
-
-
-_DAYS_IN_MONTH = np.array([31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31])
-
-
-def ts_text_ms(ts: Column) -> tuple[I64, Bool]:
-    """Epoch ms of RFC 3339 strings (fraction truncated) and whether each one is valid: the
-    grammar of :data:`~schemas.event_schema.TS_PATTERN`, on the bytes of the whole column."""
-    arr = ts.combine_chunks() if isinstance(ts, pa.ChunkedArray) else ts
-    n = len(arr)
-    ok = _true(arr.is_valid())
-    if n == 0 or not ok.any():
-        return np.zeros(n, np.int64), ok
-    _, offsets, values = arr.buffers()
-    ends = np.frombuffer(offsets, np.int32, n + 1, arr.offset * 4).astype(np.int64)
-    start, length = ends[:-1], np.diff(ends)
-    # padded so that fixed positions of short or null strings index something
-    data = np.zeros(int(ends[-1]) + 32, np.int64)
-    if ends[-1]:
-        data[: ends[-1]] = np.frombuffer(values, np.uint8, int(ends[-1]))
-    head = data[start[:, None] + np.arange(19)] - ord("0")  # "YYYY-MM-DDTHH:MM:SS"
-    ok &= length >= 20
-    ok &= ((head[:, _HEAD_DIGITS] >= 0) & (head[:, _HEAD_DIGITS] <= 9)).all(axis=1)
-    ok &= (head[:, _HEAD_PUNCT] == _HEAD_PUNCT_CHARS).all(axis=1)
-    ok &= np.isin(head[:, 10] + ord("0"), (ord("T"), ord("t"), ord(" ")))
-    last = data[start + length - 1]
-    zulu = (last == ord("Z")) | (last == ord("z"))
-    tz = data[np.maximum(start + length - 6, 0)[:, None] + np.arange(6)] - ord("0")
-    tz_digits = ((tz[:, [1, 2, 4, 5]] >= 0) & (tz[:, [1, 2, 4, 5]] <= 9)).all(axis=1)
-    signed = np.isin(tz[:, 0] + ord("0"), (ord("+"), ord("-"))) & (tz[:, 3] == ord(":") - 48)
-    ok &= zulu | (tz_digits & signed & (length >= 25))
-    # between the seconds and the offset: nothing, or "." and at least one digit
-    frac_at, frac_end = start + 19, start + length - np.where(zulu, 1, 6)
-    non_digit = np.concatenate(([0], np.cumsum((data < ord("0")) | (data > ord("9")))))
-    digits = frac_end - frac_at - 1
-    has_frac = frac_end > frac_at
-    frac_ok = (data[frac_at] == ord(".")) & (digits >= 1)
-    frac_ok &= non_digit[np.maximum(frac_end, frac_at + 1)] == non_digit[frac_at + 1]
-    ok &= ~has_frac | frac_ok
-    frac_ms = np.zeros(n, np.int64)
-    for k, scale in ((1, 100), (2, 10), (3, 1)):
-        frac_ms += np.where(has_frac & (digits >= k), data[frac_at + k] - ord("0"), 0) * scale
-    y = head[:, 0] * 1000 + head[:, 1] * 100 + head[:, 2] * 10 + head[:, 3]
-    mo, d = head[:, 5] * 10 + head[:, 6], head[:, 8] * 10 + head[:, 9]
-    h, mi, s = (
-        head[:, 11] * 10 + head[:, 12],
-        head[:, 14] * 10 + head[:, 15],
-        head[:, 17] * 10 + head[:, 18],
-    )
-    off_h = np.where(zulu, 0, tz[:, 1] * 10 + tz[:, 2])
-    off_m = np.where(zulu, 0, tz[:, 4] * 10 + tz[:, 5])
-    sign = np.where(tz[:, 0] == ord("-") - 48, -1, 1)
-    month = np.clip(mo, 1, 12)
-    leap = (y % 4 == 0) & ((y % 100 != 0) | (y % 400 == 0)) & (month == 2)
-    ok &= (mo >= 1) & (mo <= 12) & (d >= 1) & (d <= _DAYS_IN_MONTH[month - 1] + leap)
-    ok &= (h < 24) & (mi < 60) & (s < 60) & (off_h < 24) & (off_m < 60)
-    secs = _days_from_civil(y, month, d) * 86400 + h * 3600 + mi * 60 + s
-    secs -= sign * (off_h * 60 + off_m) * 60
-    return np.where(ok, secs * 1000 + frac_ms, 0), ok
-
-
-_HEAD_DIGITS = [0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18]
-_HEAD_PUNCT = [4, 7, 13, 16]
-_HEAD_PUNCT_CHARS = np.array([ord(c) - ord("0") for c in "--::"])
-
-
 def _is_utf8(raw: bytes) -> bool:
     try:
         raw.decode("utf-8")
@@ -529,7 +179,7 @@ class _Run:
     def __init__(self, messages: list[bytes], limits: Limits, lens: I64) -> None:
         self.messages, self.limits, self.lens = messages, limits, lens
         self.rejects: list[Reject] = []
-        self.pieces: list[_Piece] = []
+        self.pieces: list[Piece] = []
         self.redo: list[tuple[int, dict[str, Any]]] = []
 
     def screen(self, data: bytes) -> Bool:
@@ -633,7 +283,7 @@ class _Run:
 
     def accept(self, table: pa.Table, idx: I64, trusted: bool = False) -> None:
         """Keep the rows of a table that pass the vetting; check the others one by one."""
-        bad, ts_ms = _vet(table, self.limits)
+        bad, ts_ms = vet(table, self.limits)
         if bad.any():
             if trusted:
                 i = int(idx[np.flatnonzero(bad)[0]])
@@ -643,7 +293,7 @@ class _Run:
             if bad.all():
                 return
             table, idx, ts_ms = table.filter(pa.array(~bad)), idx[~bad], ts_ms[~bad]
-        self.pieces.append(_piece(table, idx, ts_ms))
+        self.pieces.append(to_piece(table, idx, ts_ms))
 
     def trusted(self, idx: I64, msgs: list[bytes]) -> None:
         """Decode canonical forms of valid messages, splitting blocks whose types conflict."""
@@ -727,97 +377,5 @@ def decode(
     rejects = tuple(sorted(run.rejects, key=lambda r: r.index))
     if not run.pieces:
         return Decoded(empty_batch(), np.empty(0, np.int64), rejects)
-    batch, rows = _assemble(run.pieces, lens, part, offs)
+    batch, rows = assemble(run.pieces, lens, part, offs)
     return Decoded(batch, rows, rejects)
-
-
-def _assemble(pieces: list[_Piece], lens: I64, part: I32, offs: I64) -> tuple[EventBatch, I64]:
-    """Concatenate pieces in input order and finish the batch-level columns."""
-    idx = np.concatenate([p.idx for p in pieces])
-    order = np.argsort(idx, kind="stable")
-    rows, m = idx[order], len(idx)
-    sizes = [len(p.idx) for p in pieces]
-
-    def column(name: str) -> npt.NDArray[Any]:
-        return np.concatenate([p.cols[name] for p in pieces])[order]
-
-    def merged(maps: list[dict[str, npt.NDArray[Any]]], fill: Any) -> dict[str, npt.NDArray[Any]]:
-        names = sorted(set().union(*maps))
-        return {
-            name: np.concatenate(
-                [
-                    mp.get(name, np.full(k, fill, dtype=object if fill is None else float))
-                    for mp, k in zip(maps, sizes, strict=True)
-                ]
-            )[order]
-            for name in names
-        }
-
-    num = merged([p.num for p in pieces], np.nan)
-    scores = merged([p.scores for p in pieces], np.nan)
-    cat_codes, cat_values = _encode(merged([p.cat for p in pieces], None), m)
-    width = max(p.cols["vector"].shape[1] for p in pieces)
-    vector = np.concatenate(
-        [
-            np.pad(
-                p.cols["vector"],
-                ((0, 0), (0, width - p.cols["vector"].shape[1])),
-                constant_values=np.nan,
-            )
-            for p in pieces
-        ]
-    )[order]
-    plain: dict[str, Any] = {name: column(name) for name in _PLAIN_COLUMNS}
-    batch = EventBatch(
-        **plain,
-        num_names=tuple(num),
-        num_values=_matrix(num, m),
-        cat_names=tuple(cat_values),
-        cat_codes=cat_codes,
-        cat_values=tuple(cat_values.values()),
-        vector=vector,
-        score_labels=tuple(scores),
-        scores=_matrix(scores, m),
-        partition=part[rows],
-        offset=offs[rows],
-        payload_bytes=lens[rows].astype(np.int32),
-    )
-    return batch, rows
-
-
-_PLAIN_COLUMNS = (
-    *REQUIRED_STRINGS,
-    *OPTIONAL_STRINGS,
-    "ts_ms",
-    "status",
-    "latency_ms",
-    "tokens_in",
-    "tokens_out",
-    "vector_len",
-    "prompt",
-    "output_label",
-    "output_value",
-    "output_text",
-    "finish_reason",
-    "ground_truth",
-    "attributes",
-)
-
-
-def _matrix(columns: dict[str, npt.NDArray[Any]], m: int) -> F64:
-    out = np.empty((m, len(columns)), np.float64)
-    for j, values in enumerate(columns.values()):
-        out[:, j] = values
-    return out
-
-
-def _encode(cat: dict[str, npt.NDArray[Any]], m: int) -> tuple[I32, dict[str, tuple[str, ...]]]:
-    """Dictionary-encode string features: codes into sorted values, -1 where absent."""
-    codes = np.full((m, len(cat)), -1, np.int32)
-    values: dict[str, tuple[str, ...]] = {}
-    for j, (name, column) in enumerate(cat.items()):
-        present = np.not_equal(column, cast(Any, None))
-        uniq, inverse = np.unique(column[present], return_inverse=True)
-        codes[present, j] = inverse
-        values[name] = tuple(uniq.tolist())
-    return codes, values

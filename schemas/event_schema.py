@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from schemas.batch import Limits
+from schemas.timestamps import TS_END_MS as TS_END_MS
+from schemas.timestamps import TS_MIN_MS as TS_MIN_MS
+from schemas.timestamps import TS_PATTERN as TS_PATTERN
+from schemas.timestamps import parse_ts as parse_ts
 
 SCHEMA_PATH = Path(__file__).with_name("event_v1.schema.json")
 
@@ -56,16 +60,6 @@ TOP_FIELDS = frozenset(
     )
 )
 
-# 2000-01-01T00:00:00Z <= ts < 2101-01-01T00:00:00Z
-TS_MIN_MS = 946_684_800_000
-TS_END_MS = 4_133_980_800_000
-# RFC 3339 date-time, the grammar decode.ts_text_ms implements on the bytes of a whole column.
-TS_PATTERN = (
-    r"^(?P<y>[0-9]{4})-(?P<mo>[0-9]{2})-(?P<d>[0-9]{2})[Tt ]"
-    r"(?P<h>[0-9]{2}):(?P<mi>[0-9]{2}):(?P<s>[0-9]{2})(?P<f>\.[0-9]+)?"
-    r"(?P<tz>[Zz]|[+-][0-9]{2}:[0-9]{2})$"
-)
-_TS_RE = re.compile(TS_PATTERN)
 MAX_SAFE_INT = 2**53  # integer labels beyond this do not survive a float64 round trip
 INT64_MAX = 2**63 - 1
 STATUS_MAX = 999
@@ -77,41 +71,6 @@ def load_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of wire schema v1, as a fresh dict."""
     schema: dict[str, Any] = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
     return schema
-
-
-def _days_from_civil(y: int, m: int, d: int) -> int:
-    """Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm)."""
-    y -= m <= 2
-    era = y // 400
-    yoe = y - era * 400
-    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
-    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
-    return era * 146097 + doe - 719468
-
-
-def _days_in_month(y: int, m: int) -> int:
-    if m == 2:
-        return 29 if (y % 4 == 0 and y % 100 != 0) or y % 400 == 0 else 28
-    return 30 if m in (4, 6, 9, 11) else 31
-
-
-def parse_ts(text: str) -> int | None:
-    """Epoch milliseconds of an RFC 3339 date-time (fraction truncated), None if invalid."""
-    m = _TS_RE.fullmatch(text)
-    if m is None:
-        return None
-    y, mo, d = int(m["y"]), int(m["mo"]), int(m["d"])
-    h, mi, s = int(m["h"]), int(m["mi"]), int(m["s"])
-    tz = m["tz"]
-    off_h, off_m = (0, 0) if tz in ("Z", "z") else (int(tz[1:3]), int(tz[4:6]))
-    if not (1 <= mo <= 12 and 1 <= d <= _days_in_month(y, mo) and h < 24 and mi < 60 and s < 60):
-        return None
-    if off_h > 23 or off_m > 59:
-        return None
-    frac_ms = int(((m["f"] or ".")[1:4]).ljust(3, "0"))
-    offset_min = (off_h * 60 + off_m) * (-1 if tz[0] == "-" else 1)
-    secs = _days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + s - offset_min * 60
-    return secs * 1000 + frac_ms
 
 
 def _json_type(v: Any) -> str:

@@ -76,7 +76,8 @@ def run(
 
     try:
         if source.startswith("kafka://"):
-            from streams.kafka_source import config_from_env, open_kafka
+            from streams.kafka_config import config_from_env
+            from streams.kafka_source import open_kafka
 
             if from_start:
                 fail("--from-start replays a file; for kafka:// use a new ?group= and --store")
@@ -184,7 +185,7 @@ def _query(store: str, name: str, **params: Any) -> list[dict[str, Any]]:
     import datetime as dt
 
     from streams import queries
-    from streams.api import ApiError
+    from streams.api_client import ApiError
 
     client = _worker_api(store)
     if client is not None:
@@ -210,7 +211,7 @@ def _query(store: str, name: str, **params: Any) -> list[dict[str, Any]]:
 def _worker_api(store: str) -> Any:
     """The API client of the live process that owns an embedded store, or None if no process
     does (then the caller opens the store itself)."""
-    from streams.api import ApiError, connect_api
+    from streams.api_client import ApiError, connect_api
     from streams.store import StoreError, StoreLock, parse_dsn
 
     try:

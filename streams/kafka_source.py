@@ -15,19 +15,13 @@ for the worker to report, and continues at the log start. It never skips silentl
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 import numpy.typing as npt
-import pyarrow as pa
 from confluent_kafka import (
-    OFFSET_BEGINNING,
-    OFFSET_END,
     Consumer,
     KafkaError,
     KafkaException,
@@ -35,27 +29,13 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from detectors.base import AlertChange
 from schemas.batch import Reject
-from streams import records
+from streams.kafka_config import DEFAULT_CONSUMER, FIXED_CONSUMER, START_FROM, parse_spec
+from streams.retention_gap import RetentionGap
 from streams.sources import Polled, Rebalance, SourceError
 
 log = logging.getLogger(__name__)
 
-SCHEME = "kafka://"
-RETENTION_GAP_DETECTOR = "pipeline.retention_gap"
-START_FROM = {"earliest": OFFSET_BEGINNING, "latest": OFFSET_END}
-SPEC_PARAMS = ("group", "start_from")
-ENV_PREFIX = "INFERWATCH_KAFKA_"
-# Set by the source: what exactly-once-after-checkpoint needs. A config that tries to change
-# them is refused rather than silently overridden.
-FIXED_CONSUMER = {
-    "enable.auto.commit": "false",
-    "enable.auto.offset.store": "false",
-    "auto.offset.reset": "error",
-    "partition.assignment.strategy": "cooperative-sticky",
-}
-DEFAULT_CONSUMER = {"session.timeout.ms": "45000", "heartbeat.interval.ms": "3000"}
 # A commit refused because the group is rebalancing (or this member was just fenced, in which
 # case the partitions are revoked or lost next and the retry skips them).
 REBALANCING_COMMIT_ERRORS = (
@@ -63,79 +43,6 @@ REBALANCING_COMMIT_ERRORS = (
     KafkaError.ILLEGAL_GENERATION,
     KafkaError.UNKNOWN_MEMBER_ID,
 )
-_TOPIC = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
-_HOST_PORT = re.compile(r"^[A-Za-z0-9.\-]+:(\d{1,5})$|^\[[0-9A-Fa-f:.]+\]:(\d{1,5})$")
-
-
-@dataclass(frozen=True, slots=True)
-class RetentionGap:
-    """Offsets ``from_offset`` up to (not including) ``to_offset`` were deleted unread."""
-
-    topic: str
-    partition: int
-    from_offset: int
-    to_offset: int
-
-    @property
-    def lost_events(self) -> int:
-        return self.to_offset - self.from_offset
-
-    @property
-    def where(self) -> str:
-        return f"{self.topic}/{self.partition}"
-
-    def dead_letters(self, source: str, now_ms: int) -> pa.Table:
-        """The ``dead_letters`` row: reason ``retention_gap``, offsets [source_offset, gap_to)."""
-        detail = (
-            f"{self.where}: offsets {self.from_offset}..{self.to_offset - 1} were deleted by "
-            "retention before they were read"
-        )
-        return pa.table(
-            {
-                "source": pa.array([source], pa.string()),
-                "source_partition": pa.array([self.partition], pa.int32()),
-                "source_offset": pa.array([self.from_offset], pa.int64()),
-                "reason": pa.array(["retention_gap"], pa.string()),
-                "detail": pa.array([detail], pa.string()),
-                "raw": pa.array([b""], pa.binary()),
-                "raw_bytes": pa.array([0], pa.uint64()),
-                "gap_to": pa.array([self.to_offset], pa.int64()),
-                "received_at": pa.array([now_ms], records.TS),
-            }
-        )
-
-    def alert_record(self, ts_ms: int, now_ms: int) -> dict[str, Any]:
-        """A high-severity global alert. Its episode starts at the gap's first offset, so a
-        replay that finds the same gap gives the same alert id."""
-        lost = self.lost_events
-        change = AlertChange(
-            entity_type="global",
-            entity=self.where,
-            model_id="",
-            tenant="",
-            status="firing",
-            ts_ms=ts_ms,
-            episode_start_ms=self.from_offset,
-            first_seen_ms=ts_ms,
-            last_seen_ms=ts_ms,
-            score=float(lost),
-            threshold=0.0,
-            severity="high",
-            title=f"{lost:,} events on {self.where} were deleted before they were read",
-            summary=(
-                f"The worker fell behind retention on {self.where}: offsets {self.from_offset}.."
-                f"{self.to_offset - 1} are gone unread, so detection has a blind spot there."
-            ),
-            evidence={
-                "partition": self.partition,
-                "from_offset": self.from_offset,
-                "to_offset": self.to_offset,
-                "lost_events": lost,
-            },
-            event_count=lost,
-            sample_event_ids=(),
-        )
-        return records.alert_record(change, RETENTION_GAP_DETECTOR, "1", (), (), now_ms)
 
 
 class KafkaSource:
@@ -478,73 +385,3 @@ def open_kafka(spec: str, config: Mapping[str, str] | None = None) -> KafkaSourc
         start_from=params.get("start_from", "earliest"),
         config=config,
     )
-
-
-def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
-    """(bootstrap, topic, parameters) of a ``kafka://`` spec; a SourceError says what is wrong.
-
-    >>> parse_spec("kafka://a:9092,b:9093/inferwatch.events.v1?group=g1")
-    ('a:9092,b:9093', 'inferwatch.events.v1', {'group': 'g1'})
-    """
-    expected = "expected kafka://HOST:PORT[,HOST:PORT]/TOPIC[?group=G&start_from=earliest|latest]"
-
-    def bad(why: str) -> SourceError:
-        return SourceError(f"source {spec!r}: {why}; {expected}")
-
-    if not spec.startswith(SCHEME):
-        raise bad("not a kafka:// source")
-    parts = urlsplit(spec)
-    if parts.fragment:
-        raise bad(f"unexpected fragment #{parts.fragment}")
-    hosts = parts.netloc.split(",") if parts.netloc else []
-    if not hosts:
-        raise bad("no broker address")
-    for host in hosts:
-        m = _HOST_PORT.match(host)
-        if m is None or not 0 < int(m.group(1) or m.group(2)) < 65536:
-            raise bad(f"broker address {host!r} is not HOST:PORT")
-    topic = parts.path.lstrip("/")
-    if not topic:
-        raise bad("no topic")
-    if not _TOPIC.match(topic) or topic in (".", ".."):
-        raise bad(f"topic {topic!r} is not a valid Kafka topic name (letters, digits, . _ -)")
-    params: dict[str, str] = {}
-    try:
-        pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
-    except ValueError:
-        raise bad(f"cannot parse parameters {parts.query!r}") from None
-    for key, value in pairs:
-        if key not in SPEC_PARAMS:
-            raise bad(f"unknown parameter {key!r} (known: {', '.join(SPEC_PARAMS)})")
-        if key in params:
-            raise bad(f"parameter {key!r} given twice")
-        if not value:
-            raise bad(f"parameter {key!r} is empty")
-        params[key] = value
-    if params.get("start_from", "earliest") not in START_FROM:
-        raise bad(f"start_from={params['start_from']!r} is not earliest or latest")
-    return ",".join(hosts), topic, params
-
-
-def config_from_env(environ: Mapping[str, str]) -> dict[str, str]:
-    """librdkafka settings from ``INFERWATCH_KAFKA_*``: ``INFERWATCH_KAFKA_SASL_MECHANISM=PLAIN``
-    sets ``sasl.mechanism``; a ``_FILE`` suffix reads the value from a file (secrets).
-
-    >>> config_from_env({"INFERWATCH_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "HOME": "/root"})
-    {'security.protocol': 'SASL_SSL'}
-    """
-    out: dict[str, str] = {}
-    for name, value in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX) or len(name) == len(ENV_PREFIX):
-            continue
-        key = name[len(ENV_PREFIX) :].lower()
-        if key.endswith("_file"):
-            path = value
-            key = key[: -len("_file")]
-            try:
-                with open(path, encoding="utf-8") as fh:
-                    value = fh.read().strip()
-            except OSError as exc:
-                raise SourceError(f"{name}={path}: cannot read: {exc.strerror}") from None
-        out[key.replace("_", ".")] = value
-    return out

@@ -25,7 +25,8 @@ from detectors.base import (
     WindowMetric,
     entity_keys,
 )
-from detectors.reference import Reference, ReferenceStore
+from detectors.reference import Reference
+from detectors.reference_store import ReferenceStore
 from detectors.routing import FeatureIndex, route
 from schemas.batch import Decoded, EventBatch, Limits
 from schemas.decode import decode

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from detectors.base import Detector
-from detectors.reference import Reference, ReferenceStore
+from detectors.reference import Reference
+from detectors.reference_store import ReferenceStore
 from schemas.batch import Limits
 from streams import checkpoint, records
 from streams.pipeline import DetectorResult, Pipeline

@@ -25,7 +25,8 @@ import numpy as np
 import numpy.typing as npt
 
 from detectors.base import Detector, DetectorInput, KeySpace, Output, Snapshot, entity_keys
-from detectors.reference import Reference, ReferenceStore
+from detectors.reference import Reference
+from detectors.reference_store import ReferenceStore
 from detectors.routing import FeatureIndex, route
 from schemas.batch import EventBatch, empty_batch
 from streams.records import alert_version

@@ -22,7 +22,7 @@ import pytest
 from api_worker_process import SETTINGS, IdleSource
 
 from streams import records
-from streams.api import API_FILE, ApiClient, ApiError, ApiInfo, read_api_file
+from streams.api_client import API_FILE, ApiClient, ApiError, ApiInfo, read_api_file
 from streams.store import Store, StoreLock
 from streams.worker import Worker
 

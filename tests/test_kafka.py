@@ -25,7 +25,9 @@ from kafka_helpers import (
 )
 
 from detectors.registry import create_all
-from streams.kafka_source import RETENTION_GAP_DETECTOR, KafkaSource, config_from_env, open_kafka
+from streams.kafka_config import config_from_env
+from streams.kafka_source import KafkaSource, open_kafka
+from streams.retention_gap import RETENTION_GAP_DETECTOR
 from streams.simulate import simulate
 from streams.sources import SourceError
 from streams.store import Store

@@ -20,7 +20,8 @@ from test_reference import events, two_class
 
 from detectors.base import DetectorInput, KeySpace, Output, WindowMetric
 from detectors.psi import PSI, psi
-from detectors.reference import Reference, ReferenceStore
+from detectors.reference import Reference
+from detectors.reference_store import ReferenceStore
 from detectors.routing import FeatureIndex, route
 from schemas.batch import EventBatch
 

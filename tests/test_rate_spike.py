@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from detectors.base import AlertChange, Output
-from detectors.rate_spike import COLUMNS, RateSpike
+from detectors.rate_spike import RateSpike
+from detectors.rate_state import COLUMNS
 from schemas.batch import EventBatch
 
 MINUTE = 60_000

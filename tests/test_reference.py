@@ -15,7 +15,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from detectors.reference import MAX_CLASS_CHANNELS, Reference, ReferenceStore, npz_bytes, npz_load
+from detectors.channels import MAX_CLASS_CHANNELS
+from detectors.reference import Reference, npz_bytes, npz_load
+from detectors.reference_store import ReferenceStore
 from detectors.routing import FeatureIndex, route
 from schemas.batch import EventBatch
 
