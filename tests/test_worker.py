@@ -223,3 +223,16 @@ def test_worker_sends_every_bad_line_to_dead_letters_and_stores_every_good_one(
         assert detail and size == len(bad), (reason, detail)
     assert "api_key_id" in by_reason["wrong_type"][0]
     assert "api_key_id" in by_reason["missing_field"][0]
+
+
+def test_cli_rejects_bad_arguments_with_what_was_expected(tmp_path: Path) -> None:
+    store = f"chdb:{tmp_path / 'store'}"
+    since = run_cli("alerts", "--store", store, "--since", "yesterday")
+    assert since.returncode == 2
+    assert "expected a duration like 30m, 2h, 7d or an RFC 3339 time" in since.stderr
+    fmt = run_cli("findings", "--store", store, "--format", "xml")
+    assert fmt.returncode == 2 and "xml" in fmt.stderr
+    scenario = run_cli("simulate", "--out", str(tmp_path / "x.jsonl"), "--scenario", "nope")
+    assert scenario.returncode == 2 and "known: bench, default, quiet" in scenario.stderr
+    kafka = run_cli("run", "--source", "kafka://no-port/topic", "--store", store)
+    assert kafka.returncode == 2 and "kafka" in kafka.stderr.lower()
