@@ -33,8 +33,9 @@ def committed_seq(store: Store) -> int:
 
 
 def begin(store: Store) -> None:
-    """Once per open store: drop rows of an unfinished checkpoint and start the sequence after
-    every row written so far. Workers sharing one store in a process share the sequence."""
+    """Once per open store: drop rows of an unfinished checkpoint (state, outbox) and start the
+    sequence after every row written so far. Workers sharing one store in a process share the
+    sequence."""
     if store.next_seq:
         return
     seq = committed_seq(store)
@@ -43,6 +44,12 @@ def begin(store: Store) -> None:
     ).result_rows[0][0]
     if stale:
         store.command("DELETE FROM detector_state WHERE seq > {s:UInt64}", {"s": seq})
+    # outbox rows staged by that checkpoint: its replay stages them again (streams/outbox.py)
+    staged = store.query(
+        "SELECT count() FROM outbox WHERE created_seq > {s:UInt64}", {"s": seq}
+    ).result_rows[0][0]
+    if staged:
+        store.command("DELETE FROM outbox WHERE created_seq > {s:UInt64}", {"s": seq})
     newest = store.query("SELECT max(seq) FROM detector_state").result_rows[0][0] or 0
     store.next_seq = max(seq, int(newest)) + 1
 

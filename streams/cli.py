@@ -68,12 +68,23 @@ def run(
     ] = 50_000,
     checkpoint_s: Annotated[float, typer.Option(min=0.1, help="...or this many seconds.")] = 5.0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    webhook: Annotated[
+        str | None,
+        typer.Option(
+            envvar="INFERWATCH_WEBHOOK_URL",
+            help="POST every alert (alert v1 JSON) to this http(s) URL, after its checkpoint.",
+        ),
+    ] = None,
+    webhook_ca_file: Annotated[
+        Path | None, typer.Option(help="CA bundle (PEM) to verify an https --webhook.")
+    ] = None,
 ) -> None:
     """Consume inference events, run every registered detector, write to the store."""
     from detectors.registry import create_all
     from streams.sources import SourceError, open_source
     from streams.worker import Worker, WorkerSettings
 
+    routes = _routes(webhook, webhook_ca_file)
     try:
         if source.startswith("kafka://"):
             from streams.kafka_config import config_from_env
@@ -95,7 +106,7 @@ def run(
         settings = WorkerSettings(
             batch_max=batch_size, checkpoint_events=checkpoint_events, checkpoint_s=checkpoint_s
         )
-        worker = Worker(st, src, create_all(), settings, from_start)
+        worker = Worker(st, src, create_all(), settings, from_start, routes)
         worker.install_signal_handlers()
         api = worker.serve_api() if st.dsn.embedded else None
         try:
@@ -116,6 +127,26 @@ def run(
     if rejected:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(counters.rejects_total.items()))
         typer.echo(f"rejected by reason: {reasons} (see table dead_letters)")
+
+
+def _routes(webhook: str | None, ca_file: Path | None) -> list[Any]:
+    """The delivery routes, checked before anything is opened."""
+    import ssl
+
+    from streams.webhook import RouteConfigError, WebhookRoute, WebhookSettings
+
+    if not webhook:
+        if ca_file is not None:
+            fail("--webhook-ca-file needs --webhook (or INFERWATCH_WEBHOOK_URL)")
+        return []
+    if ca_file is not None and not ca_file.is_file():
+        fail(f"--webhook-ca-file {ca_file}: expected a PEM file, found none")
+    try:
+        return [WebhookRoute(WebhookSettings(webhook, ca_file))]
+    except RouteConfigError as exc:
+        fail(f"{exc} (--webhook or INFERWATCH_WEBHOOK_URL)")
+    except ssl.SSLError as exc:
+        fail(f"--webhook-ca-file {ca_file}: not a usable CA bundle ({exc})")
 
 
 def _run_with_progress(worker: Any, src: Any, quiet: bool) -> Any:

@@ -14,7 +14,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,7 @@ from detectors.reference import Reference
 from detectors.reference_store import ReferenceStore
 from schemas.batch import Limits
 from streams import checkpoint, records
+from streams.outbox import Outbox, Route
 from streams.pipeline import DetectorResult, Pipeline
 from streams.sources import Source
 from streams.store import Store
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
 
 END_OF_SOURCE_HORIZON_MS = 6 * 3_600_000  # how far event time moves on at the end of a file
 # Fault injector for crash tests: "kill_after_flush:N" SIGKILLs the process during checkpoint N
-# after the sinks flushed and before state and positions are saved (the worst moment).
+# after the sinks flushed and before state and positions are saved (the worst moment);
+# "kill_before_delivery:N" after checkpoint N is saved and before its alerts are delivered.
 FAULT_ENV = "INFERWATCH_FAULT"
 
 
@@ -51,6 +53,7 @@ class WorkerSettings:
     max_keys: int = 2_000_000
     store_text: str = "redacted"  # or "raw"
     reference_events: int = 2_000
+    delivery_budget_s: float = 2.0  # per checkpoint; what is left waits for the next one
     limits: Limits = field(default_factory=Limits)
 
 
@@ -82,13 +85,16 @@ class Buffers:
         if data.num_rows:
             self.tables.setdefault(table, []).append(data)
 
-    def flush(self, store: Store) -> None:
+    def flush(self, store: Store) -> list[dict[str, Any]]:
+        """Write every buffered row; returns the alert records written (for the outbox)."""
+        alerts = list(self.alerts.values())
         for name, parts in self.tables.items():
             store.insert_arrow(name, pa.concat_tables(parts))
         if self.alerts:
             store.insert_arrow("alerts", records.alerts_table(list(self.alerts.values())))
         self.tables = {}
         self.alerts = {}
+        return alerts
 
     @property
     def pending_rows(self) -> int:
@@ -120,6 +126,7 @@ class Worker:
         detectors: list[Detector],
         settings: WorkerSettings | None = None,
         from_start: bool = False,
+        routes: Sequence[Route] = (),
     ) -> None:
         self.settings = s = settings or WorkerSettings()
         self.store = store
@@ -141,6 +148,8 @@ class Worker:
         self.commands: list[Callable[[Worker], None]] = []  # applied at the next checkpoint
         self._checkpoint_requested = threading.Event()
         checkpoint.begin(store)
+        # after begin: it tells which checkpoint completed, so the outbox can drop the rest
+        self.outbox = Outbox(store, routes, s.delivery_budget_s) if routes else None
         self.next_offsets: dict[int, int] = {}
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
@@ -311,7 +320,10 @@ class Worker:
         # pop, not iterate-then-clear: the API thread may append while we apply
         while self.commands:
             self.commands.pop(0)(self)
-        self.buffers.flush(self.store)
+        alerts = self.buffers.flush(self.store)
+        if self.outbox is not None:
+            # staged with the sequence this checkpoint takes; deleted at start if it never ends
+            self.outbox.stage(alerts, self.store.next_seq)
         for rejects, partition, offset in self._dlq:
             self.source.send_dlq(rejects, partition, offset)  # type: ignore[attr-defined]
         self._dlq = []
@@ -327,9 +339,14 @@ class Worker:
         self.buffers.references = []
         self.source.commit(self.next_offsets)
         self._since_checkpoint = 0
+        t2 = time.perf_counter()
+        if self.outbox is not None:
+            self._inject_fault("kill_before_delivery")
+            self.outbox.deliver()
         self._last_checkpoint = time.monotonic()
         c = self.counters
         c.checkpoints_total += 1
         c.last_checkpoint_s = time.perf_counter() - t0
         c.stage_s["sink_flush"] = c.stage_s.get("sink_flush", 0.0) + t1 - t0
-        c.stage_s["state_save"] = c.stage_s.get("state_save", 0.0) + time.perf_counter() - t1
+        c.stage_s["state_save"] = c.stage_s.get("state_save", 0.0) + t2 - t1
+        c.stage_s["delivery"] = c.stage_s.get("delivery", 0.0) + time.perf_counter() - t2

@@ -1,0 +1,199 @@
+"""The alert outbox: routes deliver alerts from the store, after the checkpoint that stored them.
+
+At a checkpoint the worker ``stage``s the alert records it flushed: one outbox row per new
+(alert_id, status, route), written with the sequence number the checkpoint is about to take. The
+checkpoint exists once its positions are saved; only then does the worker ``deliver``, so only
+alerts of a completed checkpoint leave the process. A process that died before saving the
+positions left rows with a sequence above the committed one: ``checkpoint.begin`` deletes them
+at start (the replay writes them again); ``Outbox`` loads the rows still undelivered and sends
+them again. A
+SIGKILL during a POST re-sends that delivery, with the same idempotency key.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+import orjson
+import pyarrow as pa
+
+from streams.store import Store
+
+PENDING, DELIVERED, REFUSED = 0, 1, 2
+TIME_FIELDS = ("ts", "emitted_at", "resolved_at", "first_seen", "last_seen")
+
+
+class Outcome(Protocol):
+    @property
+    def delivered(self) -> bool: ...
+    @property
+    def permanent(self) -> bool: ...
+    @property
+    def error(self) -> str: ...
+    @property
+    def attempts(self) -> int: ...
+
+
+class Route(Protocol):
+    name: str
+
+    def deliver(self, key: str, payload: bytes, deadline: float | None = None) -> Outcome: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    alert_id: str
+    status: str
+    route: str
+    payload: bytes
+    created_seq: int
+    delivered: int = PENDING
+    delivered_at_ms: int | None = None
+    attempts: int = 0
+    last_error: str = ""
+    version: int = 1
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.alert_id, self.status, self.route)
+
+
+def alert_json(record: dict[str, Any]) -> bytes:
+    """The alert v1 JSON a route sends: times as RFC 3339 UTC, as ``inferwatch alerts`` prints."""
+    out = dict(record)
+    for name in TIME_FIELDS:
+        ms = out.get(name)
+        if ms is not None:
+            out[name] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + (
+                f".{ms % 1000:03d}Z"
+            )
+    return bytes(orjson.dumps(out, option=orjson.OPT_SORT_KEYS))
+
+
+class Outbox:
+    def __init__(
+        self,
+        store: Store,
+        routes: Sequence[Route],
+        budget_s: float = 2.0,
+        max_keys: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.routes = {r.name: r for r in routes}
+        self.budget_s = budget_s
+        self.max_keys = max_keys
+        self._clock = clock
+        self._known: OrderedDict[tuple[str, str, str], None] = OrderedDict()  # bounded cache
+        self.pending: dict[tuple[str, str, str], Row] = {}
+        self._recover()
+
+    def _recover(self) -> None:
+        """Load undelivered rows (``checkpoint.begin`` already dropped unfinished ones)."""
+        rows = self.store.query(
+            "SELECT alert_id, status, route, argMax(payload, version), "
+            "argMax(created_seq, version), argMax(attempts, version), "
+            "argMax(last_error, version), max(version) FROM outbox"
+            " GROUP BY alert_id, status, route HAVING argMax(delivered, version) = 0",
+            binary=True,
+        ).result_rows
+        for aid, status, route, payload, cseq, attempts, error, version in rows:
+            row = Row(
+                _text(aid), _text(status), _text(route), bytes(payload), int(cseq),
+                attempts=int(attempts), last_error=_text(error), version=int(version),
+            )  # fmt: skip
+            if row.route in self.routes:
+                self.pending[row.key] = row
+
+    def stage(self, records: Sequence[dict[str, Any]], seq: int) -> int:
+        """Write outbox rows for the (alert, status) pairs not staged before; returns how many."""
+        if not self.routes or not records:
+            return 0
+        candidates = {}
+        for rec in records:
+            for route in self.routes:
+                key = (rec["alert_id"], rec["status"], route)
+                if key not in self._known and key not in self.pending:
+                    candidates[key] = rec
+        if candidates:
+            ids = sorted({k[0] for k in candidates})
+            in_store = self.store.query(
+                "SELECT DISTINCT alert_id, status, route FROM outbox "
+                "WHERE alert_id IN {ids:Array(String)}",
+                {"ids": ids},
+            ).result_rows
+            for r in in_store:
+                candidates.pop((r[0], r[1], r[2]), None)
+        rows = [Row(k[0], k[1], k[2], alert_json(rec), seq) for k, rec in candidates.items()]
+        self._write(rows)
+        for row in rows:
+            self.pending[row.key] = row
+        return len(rows)
+
+    def deliver(self) -> int:
+        """Send pending rows, oldest first, for at most ``budget_s``; returns how many left."""
+        deadline = self._clock() + self.budget_s
+        changed: list[Row] = []
+        for row in sorted(self.pending.values(), key=lambda r: (r.created_seq, r.key)):
+            if self._clock() >= deadline:
+                break
+            route = self.routes[row.route]
+            outcome = route.deliver(f"{row.alert_id}:{row.status}", row.payload, deadline)
+            if not outcome.attempts:
+                break
+            now_ms = int(time.time() * 1000)
+            state = DELIVERED if outcome.delivered else REFUSED if outcome.permanent else PENDING
+            new = replace(
+                row,
+                delivered=state,
+                delivered_at_ms=now_ms if state == DELIVERED else None,
+                attempts=row.attempts + outcome.attempts,
+                last_error=outcome.error,
+                version=row.version + 1,
+            )
+            changed.append(new)
+            if state == PENDING:
+                self.pending[row.key] = new
+            else:
+                del self.pending[row.key]
+        self._write(changed)
+        return len(self.pending)
+
+    def _write(self, rows: Sequence[Row]) -> None:
+        if not rows:
+            return
+        for row in rows:
+            self._known[row.key] = None
+            self._known.move_to_end(row.key)
+        while len(self._known) > self.max_keys:
+            self._known.popitem(last=False)
+
+        def col(name: str) -> list[Any]:
+            return [getattr(r, name) for r in rows]
+
+        s = pa.string()
+        self.store.insert_arrow(
+            "outbox",
+            pa.table(
+                {
+                    "alert_id": pa.array(col("alert_id"), s),
+                    "status": pa.array(col("status"), s),
+                    "route": pa.array(col("route"), s),
+                    "payload": pa.array(col("payload"), pa.binary()),
+                    "created_seq": pa.array(col("created_seq"), pa.uint64()),
+                    "delivered": pa.array(col("delivered"), pa.uint8()),
+                    "delivered_at": pa.array(col("delivered_at_ms"), pa.timestamp("ms", tz="UTC")),
+                    "attempts": pa.array(col("attempts"), pa.uint32()),
+                    "last_error": pa.array(col("last_error"), s),
+                    "version": pa.array(col("version"), pa.uint64()),
+                }
+            ),
+        )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
