@@ -36,44 +36,38 @@ def alert_id(detector: str, model_id: str, entity_type: str, entity: str, start_
     return stable_id("alert", detector, model_id, entity_type, entity, start_ms)
 
 
-def _map(names: Sequence[str], matrix: npt.NDArray[np.float64]) -> pa.Array:
-    """A Map(String, Float64) column from a (rows, names) matrix; NaN cells are left out."""
-    n = matrix.shape[0]
+def _sparse_map(
+    names: Sequence[str],
+    present: npt.NDArray[np.bool_],
+    values: npt.NDArray[Any],
+    kind: pa.DataType,
+) -> pa.Array:
+    """A Map(String, kind) column from a (rows, names) matrix: the cells where ``present``."""
+    n = present.shape[0]
+    offsets = np.zeros(n + 1, np.int32)
     if not names:
         return pa.MapArray.from_arrays(
-            pa.array(np.zeros(n + 1, np.int32)),
-            pa.array([], pa.string()),
-            pa.array([], pa.float64()),
+            pa.array(offsets), pa.array([], pa.string()), pa.array([], kind)
         )
-    mask = ~np.isnan(matrix)
-    offsets = np.zeros(n + 1, np.int32)
-    np.cumsum(mask.sum(axis=1), out=offsets[1:])
-    keys = np.broadcast_to(np.asarray(names, dtype=object), matrix.shape)[mask]
+    np.cumsum(present.sum(axis=1), out=offsets[1:])
+    keys = np.broadcast_to(np.asarray(names, dtype=object), present.shape)[present]
     return pa.MapArray.from_arrays(
-        pa.array(offsets), pa.array(keys, pa.string()), pa.array(matrix[mask], pa.float64())
+        pa.array(offsets), pa.array(keys, pa.string()), pa.array(values[present], kind)
     )
+
+
+def _map(names: Sequence[str], matrix: npt.NDArray[np.float64]) -> pa.Array:
+    """A Map(String, Float64) column from a (rows, names) matrix; NaN cells are left out."""
+    return _sparse_map(names, ~np.isnan(matrix), matrix, pa.float64())
 
 
 def _categories(batch: EventBatch) -> pa.Array:
-    n = batch.n
+    """A Map(String, String) column from the dictionary-encoded categorical features."""
     codes = batch.cat_codes
-    if not batch.cat_names:
-        return pa.MapArray.from_arrays(
-            pa.array(np.zeros(n + 1, np.int32)),
-            pa.array([], pa.string()),
-            pa.array([], pa.string()),
-        )
-    mask = codes >= 0
-    offsets = np.zeros(n + 1, np.int32)
-    np.cumsum(mask.sum(axis=1), out=offsets[1:])
-    keys = np.broadcast_to(np.asarray(batch.cat_names, dtype=object), codes.shape)[mask]
     values = np.empty(codes.shape, dtype=object)
     for j, dictionary in enumerate(batch.cat_values):
-        lookup = np.asarray((*dictionary, ""), dtype=object)
-        values[:, j] = lookup[codes[:, j]]
-    return pa.MapArray.from_arrays(
-        pa.array(offsets), pa.array(keys, pa.string()), pa.array(values[mask], pa.string())
-    )
+        values[:, j] = np.asarray((*dictionary, ""), dtype=object)[codes[:, j]]
+    return _sparse_map(batch.cat_names, codes >= 0, values, pa.string())
 
 
 def _vector(batch: EventBatch) -> pa.Array:
