@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from detectors.base import Detector, KeySpace, Snapshot, StateRows
 from detectors.reference import Reference
@@ -94,16 +96,38 @@ def _keyed_rows(rows: StateRows) -> list[tuple[str, int, str, bytes, int]]:
     ]
 
 
-def save(
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """One checkpoint's rows, built once: writing them again after a transient store failure
+    writes the same rows with the same ``seq`` (snapshots clear the dirty marks, so they cannot
+    be taken twice)."""
+
+    seq: int
+    tables: tuple[tuple[str, pa.Table], ...]  # (store table, rows), positions last
+
+    def without(self, partitions: set[int]) -> Prepared:
+        """The checkpoint minus the keyed state and positions of revoked ``partitions`` (their
+        new owner replays from the previous checkpoint; model-level rows stay)."""
+        if not partitions:
+            return self
+        drop = pa.array(sorted(partitions), pa.int32())
+        kept = tuple(
+            (name, t.filter(pc.invert(pc.is_in(t["partition"], value_set=drop))))
+            for name, t in self.tables
+        )
+        return Prepared(self.seq, kept)
+
+
+def prepare(
     store: Store,
     pipeline: Pipeline,
     source: str,
     next_offsets: dict[int, int],
     new_references: list[Reference],
-) -> int:
-    """Write one checkpoint; returns the number of state rows written."""
+) -> Prepared:
+    """Take one checkpoint's state rows and positions (no I/O: :func:`write` stores them)."""
     seq = take_seq(store)
-    written = 0
+    tables: list[tuple[str, pa.Table]] = []
     evicted = pipeline.evicted
     pipeline.evicted = {}
     for det in pipeline.detectors:
@@ -117,47 +141,53 @@ def save(
         if snap.model is not None:
             rows.append((MODEL, -1, "", snap.model, 0))
         if rows:
-            store.insert_arrow("detector_state", _state_table(seq, det.name, rows))
-            written += len(rows)
+            tables.append(("detector_state", _state_table(seq, det.name, rows)))
     extra: list[tuple[str, int, str, bytes, int]] = []
     if pipeline.features.changed:
         extra.append((MODEL, -1, ROUTING, pipeline.features.snapshot(), 0))
     extra.append((MODEL, -1, REFERENCES, pipeline.references.snapshot(), 0))
-    store.insert_arrow("detector_state", _state_table(seq, "_pipeline", extra))
+    tables.append(("detector_state", _state_table(seq, "_pipeline", extra)))
+    now_ms = int(time.time() * 1000)
     if new_references:
-        store.insert_arrow(
-            "model_references",
-            pa.table(
-                {
-                    "model_id": [r.model_id for r in new_references],
-                    "model_version": [r.model_version for r in new_references],
-                    "n_events": pa.array([r.n_events for r in new_references], pa.uint64()),
-                    "source": ["auto"] * len(new_references),
-                    "data": pa.array([r.to_bytes() for r in new_references], pa.binary()),
-                    "created_at": pa.array(
-                        [int(time.time() * 1000)] * len(new_references), pa.timestamp("ms")
-                    ),
-                    "seq": pa.array([seq] * len(new_references), pa.uint64()),
-                }
-            ),
-        )
+        refs = {
+            "model_id": [r.model_id for r in new_references],
+            "model_version": [r.model_version for r in new_references],
+            "n_events": pa.array([r.n_events for r in new_references], pa.uint64()),
+            "source": ["auto"] * len(new_references),
+            "data": pa.array([r.to_bytes() for r in new_references], pa.binary()),
+            "created_at": pa.array([now_ms] * len(new_references), pa.timestamp("ms")),
+            "seq": pa.array([seq] * len(new_references), pa.uint64()),
+        }
+        tables.append(("model_references", pa.table(refs)))
     maxts = pipeline.watermark.max_ts
-    store.insert_arrow(
-        "checkpoints",
-        pa.table(
-            {
-                "source": [source] * len(next_offsets),
-                "partition": pa.array(list(next_offsets), pa.int32()),
-                "next_offset": pa.array(list(next_offsets.values()), pa.int64()),
-                "max_ts_ms": pa.array([maxts.get(p, -(2**63)) for p in next_offsets], pa.int64()),
-                "seq": pa.array([seq] * len(next_offsets), pa.uint64()),
-                "saved_at": pa.array(
-                    [int(time.time() * 1000)] * len(next_offsets), pa.timestamp("ms")
-                ),
-            }
-        ),
-    )
-    return written + len(extra)
+    positions = {
+        "source": [source] * len(next_offsets),
+        "partition": pa.array(list(next_offsets), pa.int32()),
+        "next_offset": pa.array(list(next_offsets.values()), pa.int64()),
+        "max_ts_ms": pa.array([maxts.get(p, -(2**63)) for p in next_offsets], pa.int64()),
+        "seq": pa.array([seq] * len(next_offsets), pa.uint64()),
+        "saved_at": pa.array([now_ms] * len(next_offsets), pa.timestamp("ms")),
+    }
+    tables.append(("checkpoints", pa.table(positions)))
+    return Prepared(seq, tuple(tables))
+
+
+def write(store: Store, prepared: Prepared) -> int:
+    """Store a prepared checkpoint, positions last; safe to call again after a failure."""
+    for name, table in prepared.tables:
+        store.insert_arrow(name, table)
+    return sum(t.num_rows for name, t in prepared.tables if name == "detector_state")
+
+
+def save(
+    store: Store,
+    pipeline: Pipeline,
+    source: str,
+    next_offsets: dict[int, int],
+    new_references: list[Reference],
+) -> int:
+    """Write one checkpoint; returns the number of state rows written."""
+    return write(store, prepare(store, pipeline, source, next_offsets, new_references))
 
 
 def load(

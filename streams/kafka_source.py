@@ -88,6 +88,7 @@ class KafkaSource:
         self._pending_commit: dict[int, int] = {}
         self._commit_failing_since: float | None = None
         self._closing = False
+        self._paused = False
         self._fatal: KafkaError | None = None
         self._producer: Any = None
         self._dlq_failed: list[str] = []
@@ -151,6 +152,27 @@ class KafkaSource:
         return Polled(
             values, np.asarray(parts, np.int32), np.asarray(offsets, np.int64), next_offsets
         )
+
+    def pause(self) -> None:
+        """Stop fetching from every assigned partition (and those assigned while paused)."""
+        self._paused = True
+        self._consumer.pause([TopicPartition(self.topic, p) for p in sorted(self._assigned)])
+
+    def resume(self) -> None:
+        """Fetch again, from the position after the last message handed out."""
+        self._paused = False
+        parts = sorted(self._assigned)
+        self._consumer.resume([TopicPartition(self.topic, p) for p in parts])
+        for p in parts:
+            if p in self._position:
+                self._reposition(p, self._position[p])
+
+    def idle(self, timeout_s: float) -> None:
+        """Poll while paused: heartbeats, rebalance callbacks and group membership go on; a
+        message fetched before the pause is dropped (``resume`` seeks back to it)."""
+        self._consumer.consume(100, timeout_s)
+        if self._fatal is not None:
+            raise SourceError(f"{self.name}: fatal consumer error: {self._fatal.str()}")
 
     def lag(self) -> dict[int, int]:
         """Messages behind the end of each assigned partition, from the watermarks of the last
@@ -271,9 +293,10 @@ class KafkaSource:
         default = START_FROM[self.start_from]
         self._assigned |= parts
         self._position.update(start)
-        consumer.incremental_assign(
-            [TopicPartition(self.topic, p, start.get(p, default)) for p in sorted(parts)]
-        )
+        tps = [TopicPartition(self.topic, p, start.get(p, default)) for p in sorted(parts)]
+        consumer.incremental_assign(tps)
+        if self._paused and tps:
+            consumer.pause(tps)
 
     def _revoke_cb(self, consumer: Any, tps: list[Any]) -> None:
         parts = {tp.partition for tp in tps if tp.topic == self.topic}

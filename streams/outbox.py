@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -133,6 +133,11 @@ class Outbox:
         for row in rows:
             self.pending[row.key] = row
         return len(rows)
+
+    def mark_sent(self, keys: Iterable[tuple[str, str, str]]) -> None:
+        """(alert id, status, route) sent outside the outbox: never stage them."""
+        for key in keys:
+            self._known[key] = None
 
     def deliver(self) -> int:
         """Send pending rows, oldest first, for at most ``budget_s``; returns how many left."""

@@ -7,6 +7,7 @@ the last checkpoint left off. The Kafka source lives in ``streams/kafka_source.p
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,9 @@ class Source(Protocol):
     @property
     def exhausted(self) -> bool: ...
     def close(self) -> None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def idle(self, timeout_s: float) -> None: ...
 
 
 class SourceError(Exception):
@@ -125,6 +129,15 @@ class FileSource:
         if line.strip():
             lines.append(line)
             offsets.append(pos)
+
+    def pause(self) -> None:
+        """A file waits where it is; nothing to do."""
+
+    def resume(self) -> None:
+        """Nothing to do: the next poll reads on from the position."""
+
+    def idle(self, timeout_s: float) -> None:
+        time.sleep(timeout_s)
 
     def commit(self, positions: dict[int, int]) -> None:
         """A file keeps its position in the store's checkpoints; nothing to tell the file."""

@@ -9,36 +9,34 @@ whichever comes first, and at the end of a file source after its open windows ar
 
 from __future__ import annotations
 
-import os
-import secrets
+import contextlib
 import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from detectors.base import Detector
-from detectors.reference import Reference
 from detectors.reference_store import ReferenceStore
 from schemas.batch import Limits
 from streams import checkpoint, records
+from streams.buffers import Buffers, Rows, hmac_key
+from streams.checkpoint import Prepared
+from streams.faults import FAULT_ENV, Faults
+from streams.outage import SinkOutage
 from streams.outbox import Outbox, Route
 from streams.pipeline import DetectorResult, Pipeline
 from streams.sources import Source
-from streams.store import Store
+from streams.store import Store, TransientStoreError
 
 if TYPE_CHECKING:
     from streams.api import ApiServer
 
 END_OF_SOURCE_HORIZON_MS = 6 * 3_600_000  # how far event time moves on at the end of a file
-# Fault injector for crash tests: "kill_after_flush:N" SIGKILLs the process during checkpoint N
-# after the sinks flushed and before state and positions are saved (the worst moment);
-# "kill_before_delivery:N" after checkpoint N is saved and before its alerts are delivered.
-FAULT_ENV = "INFERWATCH_FAULT"
+__all__ = ["FAULT_ENV", "Counters", "Worker", "WorkerSettings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,54 +66,12 @@ class Counters:
     late_events_total: int = 0
     lost_events_total: int = 0
     checkpoints_total: int = 0
+    batches_total: int = 0
+    sink_paused: bool = False  # the store is down: partitions paused, retrying
+    sink_failures_total: int = 0
     last_checkpoint_s: float = 0.0
     last_batch_s: float = 0.0
     stage_s: dict[str, float] = field(default_factory=dict)
-
-
-class Buffers:
-    """Rows waiting for the next checkpoint: one Arrow table list per store table."""
-
-    def __init__(self) -> None:
-        self.tables: dict[str, list[pa.Table]] = {}
-        self.alerts: dict[str, dict[str, Any]] = {}  # latest record per alert id
-        self.references: list[Reference] = []
-
-    def add(self, table: str, data: pa.Table) -> None:
-        if data.num_rows:
-            self.tables.setdefault(table, []).append(data)
-
-    def flush(self, store: Store) -> list[dict[str, Any]]:
-        """Write every buffered row; returns the alert records written (for the outbox)."""
-        alerts = list(self.alerts.values())
-        for name, parts in self.tables.items():
-            store.insert_arrow(name, pa.concat_tables(parts))
-        if self.alerts:
-            store.insert_arrow("alerts", records.alerts_table(list(self.alerts.values())))
-        self.tables = {}
-        self.alerts = {}
-        return alerts
-
-    @property
-    def pending_rows(self) -> int:
-        return sum(t.num_rows for parts in self.tables.values() for t in parts)
-
-
-def hmac_key(store: Store) -> bytes:
-    """The keyed-fingerprint secret: ``INFERWATCH_HMAC_KEY``, else one kept beside the store."""
-    env = os.environ.get("INFERWATCH_HMAC_KEY")
-    if env:
-        return env.encode()
-    path_env = os.environ.get("INFERWATCH_HMAC_KEY_FILE")
-    if path_env:
-        return Path(path_env).read_bytes().strip()
-    if store.directory is None:
-        raise RuntimeError("a server store needs INFERWATCH_HMAC_KEY or INFERWATCH_HMAC_KEY_FILE")
-    path = store.directory / "hmac.key"
-    if not path.exists():
-        path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
-    return path.read_bytes().strip()
 
 
 class Worker:
@@ -129,7 +85,9 @@ class Worker:
         routes: Sequence[Route] = (),
     ) -> None:
         self.settings = s = settings or WorkerSettings()
-        self.store = store
+        self.faults = Faults.from_env()
+        self.store = store = self.faults.wrap(store)
+        self.routes = tuple(routes)
         self.source = source
         self.pipeline = Pipeline(
             detectors,
@@ -154,6 +112,9 @@ class Worker:
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
         self._dlq: list[tuple[Any, Any, Any]] = []  # (rejects, partition, offset) for send_dlq
+        self.outage: SinkOutage | None = None
+        self._revoked_in_outage: set[int] = set()
+        self._assigned_in_outage: set[int] = set()
         if not from_start:
             self._restore()
         set_rebalance = getattr(source, "set_rebalance", None)
@@ -173,24 +134,25 @@ class Worker:
                 self.pipeline.watermark.max_ts[p] = max_ts
             self.source.seek(self.next_offsets)
 
-    def _inject_fault(self, point: str) -> None:
-        fault = os.environ.get(FAULT_ENV, "")
-        if (
-            fault.startswith(point + ":")
-            and int(fault.split(":")[1]) == self.counters.checkpoints_total + 1
-        ):
-            os.kill(os.getpid(), signal.SIGKILL)
-
     def on_revoke(self, partitions: set[int]) -> None:
-        """Partitions are leaving: checkpoint everything, then drop their keyed state."""
-        self.checkpoint()
+        """Partitions are leaving: checkpoint everything, then drop their keyed state. During a
+        store outage nothing can be saved: their state is dropped and left out of the pending
+        checkpoint, and the new owner replays them from the previous one."""
+        if self.outage is not None:
+            self._revoked_in_outage |= partitions
+        else:
+            self.checkpoint()
         self.pipeline.drop_partitions(partitions)
         for p in partitions:
             self.next_offsets.pop(p, None)
 
     def on_assign(self, partitions: set[int]) -> dict[int, int]:
         """Partitions arrive: load their saved state; returns the store's positions for them,
-        which win over the broker's committed offsets (the state matches the store's)."""
+        which win over the broker's committed offsets (the state matches the store's). During a
+        store outage the partitions stay paused and are loaded once the store is back."""
+        if self.outage is not None:
+            self._assigned_in_outage |= partitions
+            return {}
         checkpoint.load(self.store, self.pipeline, partitions, model_level=False)
         saved = checkpoint.positions(self.store, self.source.name)
         out = {p: saved[p][0] for p in partitions if p in saved}
@@ -232,6 +194,8 @@ class Worker:
                 self._buffer(result)
                 self.counters.last_batch_s = time.perf_counter() - t0
                 self._since_checkpoint += len(polled.messages)
+                self.counters.batches_total += 1
+                self.faults.kill("kill_mid_batch", self.counters.batches_total)
             self.next_offsets.update(polled.next_offsets)
             if progress is not None:
                 progress(self)
@@ -315,34 +279,34 @@ class Worker:
         gaps.clear()
 
     def checkpoint(self) -> None:
+        """Flush every sink, save state and positions, commit, then deliver alerts. Store
+        failures of the transient class are retried through :meth:`_write` until the store is
+        back (or the worker is stopped, which then exits without committing)."""
         t0 = time.perf_counter()
         self._checkpoint_requested.clear()
+        number = self.counters.checkpoints_total + 1
+        self.faults.checkpoint_starts(number)
         # pop, not iterate-then-clear: the API thread may append while we apply
         while self.commands:
             self.commands.pop(0)(self)
-        alerts = self.buffers.flush(self.store)
-        if self.outbox is not None:
-            # staged with the sequence this checkpoint takes; deleted at start if it never ends
-            self.outbox.stage(alerts, self.store.next_seq)
-        for rejects, partition, offset in self._dlq:
-            self.source.send_dlq(rejects, partition, offset)  # type: ignore[attr-defined]
-        self._dlq = []
-        self._inject_fault("kill_after_flush")
-        t1 = time.perf_counter()
-        checkpoint.save(
-            self.store,
-            self.pipeline,
-            self.source.name,
-            self.next_offsets,
+        rows = self.buffers.take()
+        prepared = checkpoint.prepare(
+            self.store, self.pipeline, self.source.name, dict(self.next_offsets),
             self.buffers.references,
-        )
+        )  # fmt: skip
         self.buffers.references = []
+        dlq, self._dlq = self._dlq, []
+        t1 = time.perf_counter()
+        prepared = self._write(rows, prepared, dlq, number)
+        self.faults.kill("kill_after_save", number)
         self.source.commit(self.next_offsets)
         self._since_checkpoint = 0
         t2 = time.perf_counter()
         if self.outbox is not None:
-            self._inject_fault("kill_before_delivery")
-            self.outbox.deliver()
+            self.faults.kill("kill_before_delivery", number)
+            # a store failure here: what was sent is sent again next time, with the same key
+            with contextlib.suppress(TransientStoreError):
+                self.outbox.deliver()
         self._last_checkpoint = time.monotonic()
         c = self.counters
         c.checkpoints_total += 1
@@ -350,3 +314,62 @@ class Worker:
         c.stage_s["sink_flush"] = c.stage_s.get("sink_flush", 0.0) + t1 - t0
         c.stage_s["state_save"] = c.stage_s.get("state_save", 0.0) + t2 - t1
         c.stage_s["delivery"] = c.stage_s.get("delivery", 0.0) + time.perf_counter() - t2
+
+    def _write(self, rows: Rows, prepared: Prepared, dlq: list[Any], number: int) -> Prepared:
+        while True:
+            try:
+                rows.write(self.store)
+                if self.outbox is not None:
+                    # staged under this checkpoint's seq; deleted at start if it never ends
+                    self.outbox.stage(rows.alerts, prepared.seq)
+                for rejects, partition, offset in dlq:
+                    self.source.send_dlq(rejects, partition, offset)  # type: ignore[attr-defined]
+                dlq = []
+                self.faults.kill("kill_after_flush", number)
+                checkpoint.write(self.store, prepared)
+                break
+            except TransientStoreError as exc:
+                self._wait_for_store(str(exc))
+                prepared = prepared.without(self._revoked_in_outage)
+        if self.outage is not None:
+            self._store_is_back()
+        return prepared
+
+    def _wait_for_store(self, error: str) -> None:
+        """Pause the partitions, raise ``pipeline.sink_paused`` through the routes, and wait a
+        jittered backoff while polling (the group keeps us as a member)."""
+        c = self.counters
+        c.sink_failures_total += 1
+        if self.outage is None:
+            ts = max(self.pipeline.watermark.max_ts.values(), default=int(time.time() * 1000))
+            self.outage = SinkOutage(str(self.store.dsn), error, ts, self.routes)
+            c.sink_paused = True
+            self.source.pause()
+            self.outage.notify(resolved=False)
+        else:
+            self.outage.failures += 1
+            self.outage.last_error = error
+        deadline = time.monotonic() + self.outage.backoff.next_delay()
+        while time.monotonic() < deadline:
+            if self.stop_requested.is_set():
+                raise TransientStoreError(
+                    f"stopped while the store is down ({error}); nothing after the last "
+                    "checkpoint was committed, so the next start replays it"
+                )
+            self.source.idle(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def _store_is_back(self) -> None:
+        """Record the outage (firing, then resolved) and load what was assigned meanwhile."""
+        outage, self.outage = self.outage, None
+        assert outage is not None
+        rec = outage.notify(resolved=True)
+        self._count_alert(rec)
+        self.buffers.alerts[rec["alert_id"]] = rec  # in the store at the next checkpoint
+        if self.outbox is not None:
+            self.outbox.mark_sent(outage.notified)
+        assigned, self._assigned_in_outage = self._assigned_in_outage, set()
+        self._revoked_in_outage = set()
+        if assigned:
+            self.source.seek(self.on_assign(assigned))
+        self.counters.sink_paused = False
+        self.source.resume()

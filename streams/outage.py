@@ -1,0 +1,109 @@
+"""What the worker does while its store is down (DESIGN.md section 6, sink outage).
+
+A checkpoint's writes are retried as a whole (every table is idempotent and the state rows are
+built once, :class:`streams.checkpoint.Prepared`), after a delay drawn with full jitter from an
+exponential backoff, so many workers do not hammer a recovering store in step. While it waits
+the worker pauses its partitions and keeps polling, so it keeps its group membership and reads
+nothing more: memory stays what the unwritten checkpoint holds. The outage itself is an alert,
+``pipeline.sink_paused``, sent straight to the routes (the outbox lives in the store that is down)
+and written to the store once it is back, firing and then resolved.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from detectors.base import AlertChange
+from streams import records
+from streams.outbox import Route, alert_json
+
+SINK_PAUSED_DETECTOR = "pipeline.sink_paused"
+
+
+class Backoff:
+    """Full-jitter exponential backoff: attempt n waits uniform(0, min(cap, base·2ⁿ)).
+
+    >>> b = Backoff(base_s=0.5, cap_s=4.0, rand=lambda: 1.0)
+    >>> [b.next_delay() for _ in range(5)]
+    [0.5, 1.0, 2.0, 4.0, 4.0]
+    """
+
+    def __init__(
+        self, base_s: float = 0.5, cap_s: float = 30.0, rand: Callable[[], float] = random.random
+    ) -> None:
+        self.base_s, self.cap_s, self._rand = base_s, cap_s, rand
+        self.attempts = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap_s, self.base_s * 2.0**self.attempts)
+        self.attempts += 1
+        return self._rand() * ceiling
+
+
+class SinkOutage:
+    """One outage of the store: its alert, and the direct notifications of its routes."""
+
+    def __init__(self, store_name: str, error: str, ts_ms: int, routes: Sequence[Route]) -> None:
+        self.store_name = store_name
+        self.first_error = error
+        self.last_error = error
+        self.started_ms = int(time.time() * 1000)
+        self.started_s = time.monotonic()
+        self.ts_ms = ts_ms  # event time: the watermark when the outage began
+        self.routes = routes
+        self.failures = 1
+        self.backoff = Backoff()
+        self.notified: set[tuple[str, str, str]] = set()  # (alert id, status, route) sent
+
+    def record(self, resolved: bool) -> dict[str, Any]:
+        secs = time.monotonic() - self.started_s
+        change = AlertChange(
+            entity_type="global",
+            entity=self.store_name,
+            model_id="",
+            tenant="",
+            status="resolved" if resolved else "firing",
+            ts_ms=self.ts_ms,
+            episode_start_ms=self.started_ms,
+            first_seen_ms=self.ts_ms,
+            last_seen_ms=self.ts_ms,
+            score=float(self.failures),
+            threshold=1.0,
+            severity="high",
+            title=f"Writes to the store {self.store_name} are failing; ingestion is paused",
+            summary=(
+                f"The worker cannot write to {self.store_name} ({self.first_error}). It keeps its "
+                "partitions paused and retries with backoff; nothing is committed or lost, but "
+                "detection is blind until the store is back."
+                + (f" The store came back after {secs:.1f} s." if resolved else "")
+            ),
+            evidence={
+                "store": self.store_name,
+                "first_error": self.first_error,
+                "last_error": self.last_error,
+                "failed_attempts": self.failures,
+                "paused_s": round(secs, 3),
+            },
+            event_count=0,
+            sample_event_ids=(),
+            resolved_ms=self.ts_ms if resolved else None,
+        )
+        now_ms = int(time.time() * 1000)
+        return records.alert_record(change, SINK_PAUSED_DETECTOR, "1", (), (), now_ms)
+
+    def notify(self, resolved: bool, budget_s: float = 2.0) -> dict[str, Any]:
+        """Send the alert to every route now (not through the store's outbox); returns it."""
+        rec = self.record(resolved)
+        payload = alert_json(rec)
+        deadline = time.monotonic() + budget_s
+        for route in self.routes:
+            key = (rec["alert_id"], rec["status"], route.name)
+            if key in self.notified:
+                continue
+            outcome = route.deliver(f"{rec['alert_id']}:{rec['status']}", payload, deadline)
+            if outcome.delivered:
+                self.notified.add(key)
+        return rec
