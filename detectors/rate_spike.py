@@ -358,9 +358,10 @@ class RateSpike(RateEpisodes, DetectorBase):
         for et, t in self.tables.items():
             slots = np.fromiter(t.episodes, np.int64, len(t.episodes))
             keys = keyspace[et].keys_of(slots).tolist()
-            episodes = {
-                str(k): t.episodes[s].to_json() for k, s in zip(keys, slots.tolist(), strict=True)
-            }
+            episodes = {k: e.to_json() for k, e in t.unplaced.items()}
+            episodes.update(
+                (str(k), t.episodes[s].to_json()) for k, s in zip(keys, slots.tolist(), strict=True)
+            )
             state[et] = {**t.population.to_json(), "episodes": episodes}
         return Snapshot(keyed=keyed, model=orjson.dumps({"version": 1, "types": state}))
 
@@ -376,12 +377,16 @@ class RateSpike(RateEpisodes, DetectorBase):
             state = orjson.loads(snapshot.model)["types"]
             for et, t in self.tables.items():
                 t.population.from_json(state[et])
-                t.episodes = {}
+                t.episodes, t.unplaced = {}, {}
                 for key, e in state[et]["episodes"].items():
                     slot = keyspace[et].slot_of(key)
                     if slot is not None:
                         t.episodes[slot] = Episode(**e)
-        for et, t in self.tables.items():  # open episodes whose extras were not saved with them
+                    else:
+                        t.unplaced[key] = Episode(**e)
+        for et, t in self.tables.items():  # open episodes: their extras, placed once keys arrive
             for slot in np.flatnonzero(t.cols.cols["ep_start"] != NONE).tolist():
                 if slot not in t.episodes:
-                    t.episodes[slot] = self._placeholder(et, keyspace, slot)
+                    key = str(keyspace[et].keys_of(np.array([slot], np.int64))[0])
+                    ep = t.unplaced.pop(key, None)
+                    t.episodes[slot] = ep or self._placeholder(et, keyspace, slot)

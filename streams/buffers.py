@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from detectors.reference import Reference
@@ -23,9 +24,22 @@ class Rows:
     tables: list[tuple[str, pa.Table]]
     alerts: list[dict[str, Any]]  # the alert records among them, for the outbox
 
+    def with_seq(self, seq: int) -> Rows:
+        """The rows, decision tables stamped with the checkpoint that writes them."""
+        tables = []
+        for name, table in self.tables:
+            if name in STAMPED:
+                col = pa.array(np.full(table.num_rows, seq, np.uint64))
+                table = table.append_column("ckpt_seq", col)
+            tables.append((name, table))
+        return Rows(tables, self.alerts)
+
     def write(self, store: Store) -> None:
         for name, table in self.tables:
             store.insert_arrow(name, table)
+
+
+STAMPED = ("alerts", "findings", "window_metrics")  # see streams.checkpoint.SEQ_COLUMNS
 
 
 class Buffers:

@@ -27,6 +27,13 @@ from streams.store import Store
 MODEL = "model"  # entity type of model-level state rows
 ROUTING = "_routing"
 REFERENCES = "_references"
+# sink tables whose rows carry the checkpoint that wrote them, and the column
+SEQ_COLUMNS = {
+    "outbox": "created_seq",
+    "alerts": "ckpt_seq",
+    "findings": "ckpt_seq",
+    "window_metrics": "ckpt_seq",
+}
 
 
 def committed_seq(store: Store) -> int:
@@ -46,12 +53,14 @@ def begin(store: Store) -> None:
     ).result_rows[0][0]
     if stale:
         store.command("DELETE FROM detector_state WHERE seq > {s:UInt64}", {"s": seq})
-    # outbox rows staged by that checkpoint: its replay stages them again (streams/outbox.py)
-    staged = store.query(
-        "SELECT count() FROM outbox WHERE created_seq > {s:UInt64}", {"s": seq}
-    ).result_rows[0][0]
-    if staged:
-        store.command("DELETE FROM outbox WHERE created_seq > {s:UInt64}", {"s": seq})
+    # outbox rows staged by that checkpoint: its replay stages them again (streams/outbox.py);
+    # decisions it flushed: its replay decides again (schemas/clickhouse/0003_checkpoint_seq.sql)
+    for table, column in SEQ_COLUMNS.items():
+        written = store.query(
+            f"SELECT count() FROM {table} WHERE {column} > {{s:UInt64}}", {"s": seq}
+        ).result_rows[0][0]
+        if written:
+            store.command(f"DELETE FROM {table} WHERE {column} > {{s:UInt64}}", {"s": seq})
     newest = store.query("SELECT max(seq) FROM detector_state").result_rows[0][0] or 0
     store.next_seq = max(seq, int(newest)) + 1
 

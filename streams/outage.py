@@ -11,36 +11,15 @@ and written to the store once it is back, firing and then resolved.
 
 from __future__ import annotations
 
-import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from detectors.base import AlertChange
 from streams import records
-from streams.outbox import Route, alert_json
+from streams.outbox import Backoff, Route, alert_json
 
 SINK_PAUSED_DETECTOR = "pipeline.sink_paused"
-
-
-class Backoff:
-    """Full-jitter exponential backoff: attempt n waits uniform(0, min(cap, base·2ⁿ)).
-
-    >>> b = Backoff(base_s=0.5, cap_s=4.0, rand=lambda: 1.0)
-    >>> [b.next_delay() for _ in range(5)]
-    [0.5, 1.0, 2.0, 4.0, 4.0]
-    """
-
-    def __init__(
-        self, base_s: float = 0.5, cap_s: float = 30.0, rand: Callable[[], float] = random.random
-    ) -> None:
-        self.base_s, self.cap_s, self._rand = base_s, cap_s, rand
-        self.attempts = 0
-
-    def next_delay(self) -> float:
-        ceiling = min(self.cap_s, self.base_s * 2.0**self.attempts)
-        self.attempts += 1
-        return self._rand() * ceiling
 
 
 class SinkOutage:

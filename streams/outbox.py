@@ -12,6 +12,7 @@ SIGKILL during a POST re-sends that delivery, with the same idempotency key.
 
 from __future__ import annotations
 
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -74,6 +75,26 @@ def alert_json(record: dict[str, Any]) -> bytes:
     return bytes(orjson.dumps(out, option=orjson.OPT_SORT_KEYS))
 
 
+class Backoff:
+    """Full-jitter exponential backoff: attempt n waits uniform(0, min(cap, base·2ⁿ)).
+
+    >>> b = Backoff(base_s=0.5, cap_s=4.0, rand=lambda: 1.0)
+    >>> [b.next_delay() for _ in range(5)]
+    [0.5, 1.0, 2.0, 4.0, 4.0]
+    """
+
+    def __init__(
+        self, base_s: float = 0.5, cap_s: float = 30.0, rand: Callable[[], float] = random.random
+    ) -> None:
+        self.base_s, self.cap_s, self._rand = base_s, cap_s, rand
+        self.attempts = 0
+
+    def next_delay(self) -> float:
+        ceiling = min(self.cap_s, self.base_s * 2.0**self.attempts)
+        self.attempts += 1
+        return self._rand() * ceiling
+
+
 class Outbox:
     def __init__(
         self,
@@ -90,6 +111,9 @@ class Outbox:
         self._clock = clock
         self._known: OrderedDict[tuple[str, str, str], None] = OrderedDict()  # bounded cache
         self.pending: dict[tuple[str, str, str], Row] = {}
+        # a route that failed rests for a jittered, growing delay before the next try
+        self.backoff = {name: Backoff(base_s=1.0, cap_s=60.0) for name in self.routes}
+        self.resting_until: dict[str, float] = {}
         self._recover()
 
     def _recover(self) -> None:
@@ -141,11 +165,15 @@ class Outbox:
 
     def deliver(self) -> int:
         """Send pending rows, oldest first, for at most ``budget_s``; returns how many left."""
-        deadline = self._clock() + self.budget_s
+        now = self._clock()
+        deadline = now + self.budget_s
         changed: list[Row] = []
+        resting = {r for r, until in self.resting_until.items() if now < until}
         for row in sorted(self.pending.values(), key=lambda r: (r.created_seq, r.key)):
             if self._clock() >= deadline:
                 break
+            if row.route in resting:
+                continue
             route = self.routes[row.route]
             outcome = route.deliver(f"{row.alert_id}:{row.status}", row.payload, deadline)
             if not outcome.attempts:
@@ -163,8 +191,12 @@ class Outbox:
             changed.append(new)
             if state == PENDING:
                 self.pending[row.key] = new
+                delay = self.backoff[row.route].next_delay()
+                self.resting_until[row.route] = self._clock() + delay
+                resting.add(row.route)
             else:
                 del self.pending[row.key]
+                self.backoff[row.route].attempts = 0
         self._write(changed)
         return len(self.pending)
 

@@ -205,9 +205,32 @@ class Worker:
                     self._buffer(self.pipeline.advance(last + END_OF_SOURCE_HORIZON_MS))
                 break
             if self._checkpoint_due():
-                self.checkpoint()
+                if self._idle():
+                    self._deliver()  # nothing to save: only retry what waits for a route
+                    self._last_checkpoint = time.monotonic()
+                else:
+                    self.checkpoint()
         self.checkpoint()
         return self.counters
+
+    def _idle(self) -> bool:
+        """Nothing read, buffered or asked for since the last checkpoint."""
+        b = self.buffers
+        return not (
+            self._since_checkpoint
+            or b.tables
+            or b.alerts
+            or b.references
+            or self._checkpoint_requested.is_set()
+            or self.commands
+            or self.pipeline.evicted
+        )
+
+    def _deliver(self) -> None:
+        if self.outbox is not None and self.outbox.pending:
+            # a store failure here: what was sent is sent again next time, with the same key
+            with contextlib.suppress(TransientStoreError):
+                self.outbox.deliver()
 
     def _checkpoint_due(self) -> bool:
         return (
@@ -297,16 +320,14 @@ class Worker:
         self.buffers.references = []
         dlq, self._dlq = self._dlq, []
         t1 = time.perf_counter()
-        prepared = self._write(rows, prepared, dlq, number)
+        prepared = self._write(rows.with_seq(prepared.seq), prepared, dlq, number)
         self.faults.kill("kill_after_save", number)
         self.source.commit(self.next_offsets)
         self._since_checkpoint = 0
         t2 = time.perf_counter()
         if self.outbox is not None:
             self.faults.kill("kill_before_delivery", number)
-            # a store failure here: what was sent is sent again next time, with the same key
-            with contextlib.suppress(TransientStoreError):
-                self.outbox.deliver()
+        self._deliver()
         self._last_checkpoint = time.monotonic()
         c = self.counters
         c.checkpoints_total += 1

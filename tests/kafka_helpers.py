@@ -58,7 +58,14 @@ def run_worker_until(worker: Any, done: Callable[[Any], bool], timeout_s: float)
 class WorkerProcess:
     """``inferwatch run`` in a subprocess; output goes to files (a full pipe would block it)."""
 
-    def __init__(self, source: str, store_dir: Path, log_dir: Path, *args: str) -> None:
+    def __init__(
+        self,
+        source: str,
+        store_dir: Path,
+        log_dir: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.store_dir = store_dir
         self.stdout_path = log_dir / "worker.out"
@@ -67,7 +74,11 @@ class WorkerProcess:
         cmd += ["--store", f"chdb:{store_dir}", "-q", *args]
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(
-                cmd, stdout=out, stderr=err, cwd=REPO, env={**os.environ, **SESSION_ENV}
+                cmd,
+                stdout=out,
+                stderr=err,
+                cwd=REPO,
+                env={**os.environ, **SESSION_ENV, **(env or {})},
             )
 
     @property
