@@ -8,6 +8,10 @@ positions left rows with a sequence above the committed one: ``checkpoint.begin`
 at start (the replay writes them again); ``Outbox`` loads the rows still undelivered and sends
 them again. A
 SIGKILL during a POST re-sends that delivery, with the same idempotency key.
+
+A route that fails rests for a full-jitter backoff before its next try, so a receiver that is
+down costs the checkpoints nothing. At most ``max_pending`` undelivered rows are held in memory;
+the rest wait in the table and are read back, oldest first, as the held ones go out.
 """
 
 from __future__ import annotations
@@ -102,12 +106,15 @@ class Outbox:
         routes: Sequence[Route],
         budget_s: float = 2.0,
         max_keys: int = 100_000,
+        max_pending: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.routes = {r.name: r for r in routes}
         self.budget_s = budget_s
         self.max_keys = max_keys
+        self.max_pending = max_pending
+        self.spilled = False  # undelivered rows wait in the store beyond max_pending
         self._clock = clock
         self._known: OrderedDict[tuple[str, str, str], None] = OrderedDict()  # bounded cache
         self.pending: dict[tuple[str, str, str], Row] = {}
@@ -117,21 +124,26 @@ class Outbox:
         self._recover()
 
     def _recover(self) -> None:
-        """Load undelivered rows (``checkpoint.begin`` already dropped unfinished ones)."""
+        """Load the oldest undelivered rows, up to ``max_pending`` in memory (at start,
+        ``checkpoint.begin`` already dropped unfinished ones)."""
+        room = self.max_pending - len(self.pending)
         rows = self.store.query(
             "SELECT alert_id, status, route, argMax(payload, version), "
-            "argMax(created_seq, version), argMax(attempts, version), "
+            "argMax(created_seq, version) AS cseq, argMax(attempts, version), "
             "argMax(last_error, version), max(version) FROM outbox"
-            " GROUP BY alert_id, status, route HAVING argMax(delivered, version) = 0",
+            " GROUP BY alert_id, status, route HAVING argMax(delivered, version) = 0"
+            " ORDER BY cseq, alert_id, status, route LIMIT {n:UInt64}",
+            {"n": room + len(self.pending)},
             binary=True,
         ).result_rows
+        self.spilled = len(rows) == room + len(self.pending)
         for aid, status, route, payload, cseq, attempts, error, version in rows:
             row = Row(
                 _text(aid), _text(status), _text(route), bytes(payload), int(cseq),
                 attempts=int(attempts), last_error=_text(error), version=int(version),
             )  # fmt: skip
-            if row.route in self.routes:
-                self.pending[row.key] = row
+            if row.route in self.routes and len(self.pending) < self.max_pending:
+                self.pending.setdefault(row.key, row)
 
     def stage(self, records: Sequence[dict[str, Any]], seq: int) -> int:
         """Write outbox rows for the (alert, status) pairs not staged before; returns how many."""
@@ -155,6 +167,9 @@ class Outbox:
         rows = [Row(k[0], k[1], k[2], alert_json(rec), seq) for k, rec in candidates.items()]
         self._write(rows)
         for row in rows:
+            if len(self.pending) >= self.max_pending:
+                self.spilled = True  # the rest waits in the store, read back as rows go out
+                break
             self.pending[row.key] = row
         return len(rows)
 
@@ -198,6 +213,8 @@ class Outbox:
                 del self.pending[row.key]
                 self.backoff[row.route].attempts = 0
         self._write(changed)
+        if self.spilled and len(self.pending) < self.max_pending // 2:
+            self._recover()
         return len(self.pending)
 
     def _write(self, rows: Sequence[Row]) -> None:

@@ -264,3 +264,24 @@ def test_a_failing_route_rests_with_jittered_backoff_and_the_rest_waits_in_the_s
         now[0] = 100.0
         assert outbox.deliver() == 0
         assert set(rec.keys()) == {f"a{i}:firing" for i in range(3)}
+
+
+def test_undelivered_rows_beyond_the_memory_bound_wait_in_the_store_and_all_go_out(
+    tmp_path: Path,
+) -> None:
+    from streams.outbox import Outbox
+
+    with serve() as rec, Store(f"chdb:{tmp_path / 'store'}") as store:
+        rec.fail_first = -1
+        outbox = Outbox(store, [route(rec.url, max_attempts=1)], max_pending=4)
+        records = [{"alert_id": f"a{i:02d}", "status": "firing"} for i in range(10)]
+        assert outbox.stage(records, seq=1) == 10
+        assert len(outbox.pending) == 4 and outbox.spilled
+        rec.fail_first = 0
+        rounds = 0
+        while outbox.pending and rounds < 10:
+            outbox.resting_until.clear()
+            outbox.deliver()
+            rounds += 1
+        assert not outbox.pending and not outbox.spilled
+        assert rec.keys() == Counter({f"a{i:02d}:firing": 1 for i in range(10)})
