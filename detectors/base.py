@@ -166,6 +166,10 @@ class Snapshot:
     keyed: tuple[StateRows, ...] = ()
     deleted: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (entity_type, keys) evicted
     model: bytes | None = None  # whole model-level state, small; None if unchanged
+    # per-key state of variable size (an open episode's samples and evidence), saved and loaded
+    # with the key's partition like ``keyed``: (entity_type, key, partition, blob); a None blob
+    # deletes a saved one
+    extras: tuple[tuple[str, str, int, bytes | None], ...] = ()
 
 
 @runtime_checkable

@@ -125,6 +125,14 @@ class KeySlots:
         self.evictions_total += int(idle.size)
         return idle
 
+    def settle(self, max_ts: dict[int, int]) -> None:
+        """Keys restored from the store have no last-seen time: give them their partition's
+        latest event time, so idle eviction counts from the restore, not from the epoch."""
+        active = self.active_slots()
+        unseen = active[self.last_seen_ms[active] == np.iinfo(np.int64).min]
+        for slot in unseen.tolist():
+            self.last_seen_ms[slot] = max_ts.get(int(self.partition[slot]), np.iinfo(np.int64).min)
+
     def drop_partitions(self, partitions: set[int]) -> I64:
         """Free every slot whose key belongs to one of ``partitions`` (on revocation)."""
         active = self.active_slots()

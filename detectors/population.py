@@ -38,8 +38,16 @@ class Population:
         self.clock = NONE
         self.high = math.inf
         self.ring = np.zeros((self.length, len(EDGES) - 1), np.int64)
+        self.frozen = False
+
+    def freeze(self, high: float) -> None:
+        """Hold the p99 at ``high`` from now on: nothing learnt, nothing restored over it."""
+        self.high = high
+        self.frozen = True
 
     def add(self, buckets: I64, counts: I64) -> None:
+        if self.frozen:
+            return
         keep = buckets > self.clock - self.length
         if not keep.any():
             return
@@ -47,6 +55,9 @@ class Population:
         np.add.at(self.ring, (buckets[keep] % self.length, bins), 1)
 
     def advance_to(self, clock: int) -> None:
+        if self.frozen:
+            self.clock = clock
+            return
         if self.clock != NONE:
             if clock - self.clock >= self.length:
                 self.ring[:] = 0
@@ -82,6 +93,8 @@ class Population:
         }
 
     def from_json(self, state: dict[str, Any]) -> None:
+        if self.frozen:
+            return
         self.clock = NONE if state["clock"] is None else int(state["clock"])
         self.first = NONE if state.get("first") is None else int(state["first"])
         self.high = math.inf if state["high"] is None else float(state["high"])

@@ -76,7 +76,9 @@ class RateSpike(RateEpisodes, DetectorBase):
 
     Parameters: ``bucket_s`` (60), ``history_buckets`` (360, EWMA span), ``warmup_buckets`` (5),
     ``k_sigma`` (6), ``ratio`` (4), ``min_count`` (10 per bucket), ``cold_factor`` (2),
-    ``min_population`` (20).
+    ``min_population`` (20), ``population_high`` (none: learnt; ``{"api_key": 30.0, ...}``
+    freezes the population p99 per entity type, e.g. from an earlier run's baseline file, so
+    per-key decisions depend on each key's own events only).
 
     >>> import dataclasses
     >>> from detectors.base import DetectorInput, KeySpace, entity_keys
@@ -118,6 +120,7 @@ class RateSpike(RateEpisodes, DetectorBase):
         min_count: int = 10,
         cold_factor: float = 2.0,
         min_population: float = 20.0,
+        population_high: dict[str, float] | None = None,
     ) -> None:
         checks = {
             "bucket_s": bucket_s >= 1,
@@ -128,13 +131,17 @@ class RateSpike(RateEpisodes, DetectorBase):
             "min_count": min_count >= 1,
             "cold_factor": cold_factor > 0,
             "min_population": min_population >= 0,
+            "population_high": all(
+                et in self.entity_types and v > 0 for et, v in (population_high or {}).items()
+            ),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(
                 f"abuse.rate_spike: invalid {', '.join(bad)}; expected bucket_s >= 1, "
                 "history_buckets >= 1, warmup_buckets >= 0, k_sigma >= 0, ratio >= 1, "
-                "min_count >= 1, cold_factor > 0, min_population >= 0"
+                "min_count >= 1, cold_factor > 0, min_population >= 0, population_high a "
+                f"positive number per entity type of {', '.join(self.entity_types)}"
             )
         self.bucket_s = bucket_s
         self.history_buckets = history_buckets
@@ -144,6 +151,7 @@ class RateSpike(RateEpisodes, DetectorBase):
         self.min_count = min_count
         self.cold_factor = cold_factor
         self.min_population = min_population
+        self.population_high = population_high
         self.bucket_ms = bucket_s * 1000
         self.alpha = 2.0 / (history_buckets + 1)
         self.running = math.floor(1.0 / self.alpha)  # folds that use alpha = 1 / n
@@ -155,6 +163,8 @@ class RateSpike(RateEpisodes, DetectorBase):
         min_weight = math.ceil(self.min_population * WEIGHT_ONE)
         warm = 2 * self.warmup_buckets
         self.tables = {et: Table(weights, min_weight, warm) for et in self.entity_types}
+        for et, high in (self.population_high or {}).items():
+            self.tables[et].population.freeze(high)
         self._model_dirty = False
 
     # -- per-key arithmetic, vectorised over keys ------------------------------------------
@@ -346,24 +356,34 @@ class RateSpike(RateEpisodes, DetectorBase):
         table.cols.ensure(int(slots.max()) + 1 if slots.size else 0)
         table.cols.clear(slots)
         for slot in slots.tolist():
-            if table.episodes.pop(slot, None) is not None:
-                self._model_dirty = True
+            table.episodes.pop(slot, None)
+            table.saved.discard(slot)  # the eviction deletes the key's rows
 
     def snapshot(self, keyspace: KeySpace) -> Snapshot:
-        keyed = tuple(t.cols.snapshot(keyspace[et]) for et, t in self.tables.items())
-        if not self._model_dirty:
-            return Snapshot(keyed=keyed)
-        self._model_dirty = False
-        state: dict[str, Any] = {}
+        # an open episode's extras go with its key (and partition), so they move with it
+        extras: list[tuple[str, str, int, bytes | None]] = []
         for et, t in self.tables.items():
-            slots = np.fromiter(t.episodes, np.int64, len(t.episodes))
-            keys = keyspace[et].keys_of(slots).tolist()
-            episodes = {k: e.to_json() for k, e in t.unplaced.items()}
-            episodes.update(
-                (str(k), t.episodes[s].to_json()) for k, s in zip(keys, slots.tolist(), strict=True)
-            )
-            state[et] = {**t.population.to_json(), "episodes": episodes}
-        return Snapshot(keyed=keyed, model=orjson.dumps({"version": 1, "types": state}))
+            dirty = np.flatnonzero(t.cols.dirty).tolist()
+            changed = [s for s in dirty if s in t.episodes or s in t.saved]
+            if not changed:
+                continue
+            keys = keyspace[et]
+            names = keys.keys_of(np.asarray(changed, np.int64)).tolist()
+            for slot, key in zip(changed, names, strict=True):
+                ep = t.episodes.get(slot)
+                blob = None if ep is None else orjson.dumps(ep.to_json())
+                extras.append((et, str(key), int(keys.partition[slot]), blob))
+                if ep is None:
+                    t.saved.discard(slot)
+                else:
+                    t.saved.add(slot)
+        keyed = tuple(t.cols.snapshot(keyspace[et]) for et, t in self.tables.items())
+        model = None
+        if self._model_dirty:
+            self._model_dirty = False
+            state = {et: t.population.to_json() for et, t in self.tables.items()}
+            model = orjson.dumps({"version": 2, "types": state})
+        return Snapshot(keyed=keyed, model=model, extras=tuple(extras))
 
     def restore(self, snapshot: Snapshot, keyspace: KeySpace) -> None:
         for rows in snapshot.keyed:
@@ -377,16 +397,13 @@ class RateSpike(RateEpisodes, DetectorBase):
             state = orjson.loads(snapshot.model)["types"]
             for et, t in self.tables.items():
                 t.population.from_json(state[et])
-                t.episodes, t.unplaced = {}, {}
-                for key, e in state[et]["episodes"].items():
-                    slot = keyspace[et].slot_of(key)
-                    if slot is not None:
-                        t.episodes[slot] = Episode(**e)
-                    else:
-                        t.unplaced[key] = Episode(**e)
-        for et, t in self.tables.items():  # open episodes: their extras, placed once keys arrive
+        for et, key, _, blob in snapshot.extras:
+            t = self.tables[et]
+            slot = keyspace[et].slot_of(key)
+            if blob and slot is not None and t.cols.cols["ep_start"][slot] != NONE:
+                t.episodes[slot] = Episode(**orjson.loads(blob))
+                t.saved.add(slot)
+        for et, t in self.tables.items():  # open episodes whose extras were not saved with them
             for slot in np.flatnonzero(t.cols.cols["ep_start"] != NONE).tolist():
                 if slot not in t.episodes:
-                    key = str(keyspace[et].keys_of(np.array([slot], np.int64))[0])
-                    ep = t.unplaced.pop(key, None)
-                    t.episodes[slot] = ep or self._placeholder(et, keyspace, slot)
+                    t.episodes[slot] = self._placeholder(et, keyspace, slot)

@@ -94,9 +94,7 @@ class Table:
         self.cols = KeyedColumns(COLUMNS)
         self.population = Population(weights, min_weight, warm_buckets)
         self.episodes: dict[int, Episode] = {}
-        # saved extras of open episodes whose keyed rows have not arrived yet (a Kafka worker
-        # loads model-level state at start and each partition's keys on assignment)
-        self.unplaced: dict[str, Episode] = {}
+        self.saved: set[int] = set()  # slots whose episode extras are in the store
 
 
 def rate_findings(

@@ -27,6 +27,7 @@ from streams.store import Store
 MODEL = "model"  # entity type of model-level state rows
 ROUTING = "_routing"
 REFERENCES = "_references"
+EXTRA = "+extra"  # entity type suffix of per-key blobs (Snapshot.extras)
 # sink tables whose rows carry the checkpoint that wrote them, and the column
 SEQ_COLUMNS = {
     "outbox": "created_seq",
@@ -144,6 +145,8 @@ def prepare(
         rows: list[tuple[str, int, str, bytes, int]] = []
         for keyed in snap.keyed:
             rows.extend(_keyed_rows(keyed))
+        for et, key, part, blob in snap.extras:
+            rows.append((et + EXTRA, part, key, blob or b"", 0 if blob else 1))
         for et, keys in evicted.items():
             if et in det.entity_types:
                 rows.extend((et, part, k, b"", 1) for k, part in keys)
@@ -241,9 +244,12 @@ def load(
 def _restore(det: Detector, rows: list[tuple[str, int, str, bytes]], keyspace: KeySpace) -> None:
     model: bytes | None = None
     keyed: dict[str, list[tuple[int, str, bytes]]] = defaultdict(list)
+    extras: list[tuple[str, str, int, bytes | None]] = []
     for et, part, key, data in rows:
         if et == MODEL:
             model = data
+        elif et.endswith(EXTRA):
+            extras.append((et.removesuffix(EXTRA), key, part, data))
         else:
             keyed[et].append((part, key, data))
     state = []
@@ -258,8 +264,8 @@ def _restore(det: Detector, rows: list[tuple[str, int, str, bytes]], keyspace: K
                 records,
             )
         )
-    if state or model is not None:
-        det.restore(Snapshot(keyed=tuple(state), model=model), keyspace)
+    if state or model is not None or extras:
+        det.restore(Snapshot(keyed=tuple(state), model=model, extras=tuple(extras)), keyspace)
 
 
 def _text(value: bytes | str) -> str:

@@ -181,6 +181,11 @@ class Pipeline:
                 if et in det.entity_types:
                     det.evict(et, slots)
 
+    def settle_keys(self) -> None:
+        """After a restore: restored keys count as seen at their partition's latest event."""
+        for keys in self.keyspace.maps.values():
+            keys.settle(self.watermark.max_ts)
+
     def drop_partitions(self, partitions: set[int]) -> None:
         for et in self.entity_types:
             slots = self.keyspace[et].drop_partitions(partitions)

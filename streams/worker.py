@@ -159,6 +159,7 @@ class Worker:
         for p in partitions:
             if p in saved:
                 self.pipeline.watermark.max_ts[p] = saved[p][1]
+        self.pipeline.settle_keys()
         self.next_offsets.update(out)
         return out
 
