@@ -397,6 +397,10 @@ class RateSpike(RateEpisodes, DetectorBase):
             state = orjson.loads(snapshot.model)["types"]
             for et, t in self.tables.items():
                 t.population.from_json(state[et])
+        for t in self.tables.values():  # episodes the restored rows say are closed
+            for slot in [s for s in t.episodes if t.cols.cols["ep_start"][s] == NONE]:
+                del t.episodes[slot]
+                t.saved.discard(slot)
         for et, key, _, blob in snapshot.extras:
             t = self.tables[et]
             slot = keyspace[et].slot_of(key)

@@ -158,6 +158,13 @@ SCALAR_METRICS = (
         "last_checkpoint_s",
     ),
     ("inferwatch_batch_seconds", "gauge", "Duration of the last batch.", "last_batch_s"),
+    ("inferwatch_sink_paused", "gauge", "1 while the store is down (input paused).", "sink_paused"),
+    (
+        "inferwatch_sink_failures_total",
+        "counter",
+        "Checkpoint writes failed with a transient store error.",
+        "sink_failures_total",
+    ),
 )
 
 
@@ -168,6 +175,7 @@ def metrics_text(c: Counters, lag: Mapping[Any, Any]) -> str:
     def family(name: str, kind: str, text: str, samples: list[tuple[str, Any]]) -> None:
         lines.extend((f"# HELP {name} {text}", f"# TYPE {name} {kind}"))
         for labels, value in samples:
+            value = int(value) if isinstance(value, bool) else value
             lines.append(f"{name}{labels} {value if type(value) is int else repr(float(value))}")
 
     for name, kind, text, attribute in SCALAR_METRICS:

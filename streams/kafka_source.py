@@ -89,6 +89,7 @@ class KafkaSource:
         self._commit_failing_since: float | None = None
         self._closing = False
         self._paused = False
+        self._lag: dict[int, int] = {}
         self._fatal: KafkaError | None = None
         self._producer: Any = None
         self._dlq_failed: list[str] = []
@@ -149,6 +150,7 @@ class KafkaSource:
             offsets.append(off)
             next_offsets[p] = off + 1
         self._position.update(next_offsets)
+        self._update_lag()
         return Polled(
             values, np.asarray(parts, np.int32), np.asarray(offsets, np.int64), next_offsets
         )
@@ -175,16 +177,20 @@ class KafkaSource:
             raise SourceError(f"{self.name}: fatal consumer error: {self._fatal.str()}")
 
     def lag(self) -> dict[int, int]:
-        """Messages behind the end of each assigned partition, from the watermarks of the last
-        fetch (no broker round trip: the metrics endpoint calls this from its own thread)."""
+        """Messages behind the end of each assigned partition, as of the last poll. Other
+        threads (the metrics endpoint) read this copy: a call into the consumer from another
+        thread waits for the poll loop's lock, which it may never get."""
+        return dict(self._lag)
+
+    def _update_lag(self) -> None:
         out: dict[int, int] = {}
-        for p, pos in dict(self._position).items():
+        for p, pos in self._position.items():
             _, high = self._consumer.get_watermark_offsets(
                 TopicPartition(self.topic, p), cached=True
             )
             if high is not None and high >= 0:
                 out[p] = max(0, high - pos)
-        return out
+        self._lag = out
 
     def seek(self, positions: dict[int, int]) -> None:
         """Move assigned partitions; others get their position from the worker on assignment."""

@@ -328,7 +328,8 @@ def through_store(snap: Snapshot) -> Snapshot:
         for r in snap.keyed
     )
     model = bytes(snap.model) if snap.model is not None else None
-    return Snapshot(keyed=rows, deleted=snap.deleted, model=model)
+    extras = tuple((et, k, p, bytes(b)) for et, k, p, b in snap.extras if b)  # deletions: gone
+    return Snapshot(keyed=rows, deleted=snap.deleted, model=model, extras=extras)
 
 
 def digest(*objects: Any) -> str:

@@ -89,6 +89,8 @@ def test_sink_outage_pauses_keeps_membership_alerts_through_the_webhook_and_lose
             time.sleep(1.5)
             assert worker.counters.sink_paused, "the injected outage lasts 5 s"
             assert worker.counters.events_total == read_before, "paused: nothing more is read"
+            # the metrics endpoint's view of the lag, read from this thread while the worker polls
+            assert set(src.lag()) == {0, 1, 2, 3}
             firing = [k for k in receiver.keys(None) if k.endswith(":firing")]
             assert len(firing) == 1, "pipeline.sink_paused reached the webhook during the outage"
             wait_for(lambda: not worker.counters.sink_paused, 60, "the store", runner.check)
