@@ -398,9 +398,9 @@ class RateSpike(RateEpisodes, DetectorBase):
             for et, t in self.tables.items():
                 t.population.from_json(state[et])
         for t in self.tables.values():  # episodes the restored rows say are closed
-            for slot in [s for s in t.episodes if t.cols.cols["ep_start"][s] == NONE]:
-                del t.episodes[slot]
-                t.saved.discard(slot)
+            for closed in [s for s in t.episodes if t.cols.cols["ep_start"][s] == NONE]:
+                del t.episodes[closed]
+                t.saved.discard(closed)
         for et, key, _, blob in snapshot.extras:
             t = self.tables[et]
             slot = keyspace[et].slot_of(key)

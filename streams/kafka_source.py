@@ -173,6 +173,7 @@ class KafkaSource:
         """Poll while paused: heartbeats, rebalance callbacks and group membership go on; a
         message fetched before the pause is dropped (``resume`` seeks back to it)."""
         self._consumer.consume(100, timeout_s)
+        self._update_lag(cached=False)  # paused partitions fetch nothing: ask the broker
         if self._fatal is not None:
             raise SourceError(f"{self.name}: fatal consumer error: {self._fatal.str()}")
 
@@ -182,12 +183,15 @@ class KafkaSource:
         thread waits for the poll loop's lock, which it may never get."""
         return dict(self._lag)
 
-    def _update_lag(self) -> None:
+    def _update_lag(self, cached: bool = True) -> None:
         out: dict[int, int] = {}
         for p, pos in self._position.items():
-            _, high = self._consumer.get_watermark_offsets(
-                TopicPartition(self.topic, p), cached=True
-            )
+            try:
+                _, high = self._consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, p), timeout=1.0, cached=cached
+                )
+            except KafkaException:
+                continue  # the broker did not answer: keep the partition out of this reading
             if high is not None and high >= 0:
                 out[p] = max(0, high - pos)
         self._lag = out

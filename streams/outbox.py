@@ -121,6 +121,7 @@ class Outbox:
         # a route that failed rests for a jittered, growing delay before the next try
         self.backoff = {name: Backoff(base_s=1.0, cap_s=60.0) for name in self.routes}
         self.resting_until: dict[str, float] = {}
+        self.failing_since: dict[str, tuple[float, str]] = {}  # route -> (clock, first error)
         self._recover()
 
     def _recover(self) -> None:
@@ -205,6 +206,7 @@ class Outbox:
             )
             changed.append(new)
             if state == PENDING:
+                self.failing_since.setdefault(row.route, (self._clock(), outcome.error))
                 self.pending[row.key] = new
                 delay = self.backoff[row.route].next_delay()
                 self.resting_until[row.route] = self._clock() + delay
@@ -212,6 +214,7 @@ class Outbox:
             else:
                 del self.pending[row.key]
                 self.backoff[row.route].attempts = 0
+                self.failing_since.pop(row.route, None)
         self._write(changed)
         if self.spilled and len(self.pending) < self.max_pending // 2:
             self._recover()

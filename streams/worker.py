@@ -26,7 +26,7 @@ from streams import checkpoint, records
 from streams.buffers import Buffers, Rows, hmac_key
 from streams.checkpoint import Prepared
 from streams.faults import FAULT_ENV, Faults
-from streams.outage import SinkOutage
+from streams.outage import RouteHealth, SinkOutage
 from streams.outbox import Outbox, Route
 from streams.pipeline import DetectorResult, Pipeline
 from streams.sources import Source
@@ -52,6 +52,7 @@ class WorkerSettings:
     store_text: str = "redacted"  # or "raw"
     reference_events: int = 2_000
     delivery_budget_s: float = 2.0  # per checkpoint; what is left waits for the next one
+    route_alert_s: float = 30.0  # a route failing this long raises pipeline.sink_paused
     limits: Limits = field(default_factory=Limits)
 
 
@@ -108,6 +109,9 @@ class Worker:
         checkpoint.begin(store)
         # after begin: it tells which checkpoint completed, so the outbox can drop the rest
         self.outbox = Outbox(store, routes, s.delivery_budget_s) if routes else None
+        self.route_health = RouteHealth(s.route_alert_s)
+        if self.outbox is not None:
+            self.route_health.restore(store)
         self.next_offsets: dict[int, int] = {}
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
@@ -212,6 +216,8 @@ class Worker:
                 else:
                     self.checkpoint()
         self.checkpoint()
+        if not self._idle():  # what the last delivery raised (a route down) goes in too
+            self.checkpoint()
         return self.counters
 
     def _idle(self) -> bool:
@@ -232,6 +238,10 @@ class Worker:
             # a store failure here: what was sent is sent again next time, with the same key
             with contextlib.suppress(TransientStoreError):
                 self.outbox.deliver()
+            ts = max(self.pipeline.watermark.max_ts.values(), default=int(time.time() * 1000))
+            for rec in self.route_health.check(self.outbox, ts):
+                self._count_alert(rec)
+                self.buffers.alerts[rec["alert_id"]] = rec
 
     def _checkpoint_due(self) -> bool:
         return (
