@@ -12,6 +12,8 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from streams.cli_reference import app as reference_app
+
 app = typer.Typer(
     name="inferwatch",
     help="Runtime monitor for attacks on, and misbehaviour of, deployed ML models and LLMs.",
@@ -21,12 +23,14 @@ app = typer.Typer(
 )
 
 DEFAULT_STORE = "chdb:./inferwatch-data"
+app.add_typer(reference_app, name="reference")
 StoreOpt = Annotated[
-    str,
+    str | None,
     typer.Option(
         "--store",
         envvar="INFERWATCH_STORE",
-        help="chdb:DIR (embedded ClickHouse) or http(s)://HOST:PORT\\[/DB].",
+        help="chdb:DIR (embedded ClickHouse) or http(s)://HOST:PORT\\[/DB]; default store.dsn "
+        f"of the config (INFERWATCH_CONFIG), else {DEFAULT_STORE}.",
     ),
 ]
 
@@ -42,9 +46,11 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _open_store(dsn: str) -> Any:
+def _open_store(dsn: str | None) -> Any:
+    """The store of ``dsn``, else of the configuration's store.dsn, or a clear exit."""
     from streams.store import Store, StoreError, StoreInUseError, TransientStoreError
 
+    dsn = dsn or _config(None).store_dsn
     try:
         return Store(dsn)
     except StoreInUseError as exc:
@@ -53,20 +59,42 @@ def _open_store(dsn: str) -> Any:
         fail(str(exc))
 
 
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        envvar="INFERWATCH_CONFIG",
+        help="TOML configuration (schemas/config.schema.json); none: shipped defaults.",
+    ),
+]
+
+
 @app.command()
 def run(
     source: Annotated[
         str, typer.Option(help="file:PATH (JSONL, one event per line) or kafka://HOST:PORT/TOPIC.")
     ],
-    store: StoreOpt = DEFAULT_STORE,
+    config: ConfigOpt = None,
+    store: Annotated[
+        str | None,
+        typer.Option(
+            envvar="INFERWATCH_STORE",
+            help=f"chdb:DIR (embedded ClickHouse) or http(s)://HOST:PORT\\[/DB]; default "
+            f"store.dsn of the config, else {DEFAULT_STORE}.",
+        ),
+    ] = None,
     from_start: Annotated[
         bool, typer.Option("--from-start", help="Ignore the saved position and state; replay.")
     ] = False,
-    batch_size: Annotated[int, typer.Option(min=1, max=1_000_000)] = 10_000,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, max=1_000_000, help="Default 10,000.")
+    ] = None,
     checkpoint_events: Annotated[
-        int, typer.Option(min=1, help="Checkpoint after this many events...")
-    ] = 50_000,
-    checkpoint_s: Annotated[float, typer.Option(min=0.1, help="...or this many seconds.")] = 5.0,
+        int | None, typer.Option(min=1, help="Checkpoint after this many events (50,000)...")
+    ] = None,
+    checkpoint_s: Annotated[
+        float | None, typer.Option(min=0.1, help="...or this many seconds (5).")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     webhook: Annotated[
         str | None,
@@ -76,14 +104,24 @@ def run(
         ),
     ] = None,
     webhook_ca_file: Annotated[
-        Path | None, typer.Option(help="CA bundle (PEM) to verify an https --webhook.")
+        Path | None,
+        typer.Option(
+            envvar="INFERWATCH_WEBHOOK_CA_FILE",
+            help="CA bundle (PEM) to verify an https --webhook.",
+        ),
     ] = None,
 ) -> None:
     """Consume inference events, run every registered detector, write to the store."""
     from detectors.registry import create_all
     from streams.sources import SourceError, open_source
-    from streams.worker import Worker, WorkerSettings
+    from streams.worker import Worker
 
+    cfg = _config(config)
+    store = store or cfg.store_dsn
+    hook = cfg.webhook or {}
+    webhook = webhook or hook.get("url")
+    if webhook_ca_file is None and hook.get("ca_file"):
+        webhook_ca_file = Path(hook["ca_file"])
     routes = _routes(webhook, webhook_ca_file)
     try:
         if source.startswith("kafka://"):
@@ -103,10 +141,10 @@ def run(
         src.close()
         raise
     try:
-        settings = WorkerSettings(
+        settings = cfg.worker_settings(
             batch_max=batch_size, checkpoint_events=checkpoint_events, checkpoint_s=checkpoint_s
         )
-        worker = Worker(st, src, create_all(), settings, from_start, routes)
+        worker = Worker(st, src, create_all(cfg.detectors), settings, from_start, routes)
         worker.install_signal_handlers()
         api = worker.serve_api() if st.dsn.embedded else None
         try:
@@ -127,6 +165,16 @@ def run(
     if rejected:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(counters.rejects_total.items()))
         typer.echo(f"rejected by reason: {reasons} (see table dead_letters)")
+
+
+def _config(path: Path | None) -> Any:
+    """The checked configuration (the environment's overrides included), or a clear exit."""
+    from streams.config import ConfigError, load
+
+    try:
+        return load(path, os.environ)
+    except ConfigError as exc:
+        fail(str(exc))
 
 
 def _routes(webhook: str | None, ca_file: Path | None) -> list[Any]:
@@ -210,7 +258,7 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def _query(store: str, name: str, **params: Any) -> list[dict[str, Any]]:
+def _query(store: str | None, name: str, **params: Any) -> list[dict[str, Any]]:
     """A named query: through the running worker's API if one owns the store, else directly.
     Datetimes come back UTC-aware either way, so both paths print the same RFC 3339 text."""
     import datetime as dt
@@ -239,14 +287,14 @@ def _query(store: str, name: str, **params: Any) -> list[dict[str, Any]]:
     return result
 
 
-def _worker_api(store: str) -> Any:
+def _worker_api(store: str | None) -> Any:
     """The API client of the live process that owns an embedded store, or None if no process
     does (then the caller opens the store itself)."""
     from streams.api_client import ApiError, connect_api
     from streams.store import StoreError, StoreLock, parse_dsn
 
     try:
-        dsn = parse_dsn(store)
+        dsn = parse_dsn(store or _config(None).store_dsn)
     except StoreError as exc:
         fail(str(exc))
     if dsn.path is None or not StoreLock(dsn.path).held_elsewhere():
@@ -264,7 +312,7 @@ def _worker_api(store: str) -> Any:
 
 @app.command()
 def alerts(
-    store: StoreOpt = DEFAULT_STORE,
+    store: StoreOpt = None,
     since: Annotated[str | None, typer.Option(help="30m, 2h, 7d or an RFC 3339 time.")] = None,
     detector: Annotated[str | None, typer.Option(help="e.g. abuse.rate_spike")] = None,
     status: Annotated[str | None, typer.Option(help="firing, resolved or silenced")] = None,
@@ -279,7 +327,7 @@ def alerts(
 
 @app.command()
 def findings(
-    store: StoreOpt = DEFAULT_STORE,
+    store: StoreOpt = None,
     since: Annotated[str | None, typer.Option(help="30m, 2h, 7d or an RFC 3339 time.")] = None,
     detector: Annotated[str | None, typer.Option(help="e.g. abuse.rate_spike")] = None,
     fmt: Annotated[Format, typer.Option("--format")] = Format.table,
@@ -292,7 +340,7 @@ def findings(
 
 
 @app.command()
-def migrate(store: StoreOpt = DEFAULT_STORE) -> None:
+def migrate(store: StoreOpt = None) -> None:
     """Create or upgrade the store's tables (also done at every start)."""
     st = _open_store(store)
     try:
@@ -366,6 +414,42 @@ def detectors() -> None:
     for name in names():
         det = create(name)
         typer.echo(f"{name:24} v{det.version}  {', '.join(det.atlas) or '-'}  {det!r}")
+
+
+config_app = typer.Typer(
+    help="Check the configuration file (TOML; schemas/config.schema.json).", no_args_is_help=True
+)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("check")
+def config_check(config: ConfigOpt = None) -> None:
+    """Check the file and the INFERWATCH_* overrides; print what the worker would use."""
+    import dataclasses
+
+    cfg = _config(config)
+    settings = cfg.worker_settings()
+    typer.echo(f"ok: {cfg.path or 'no file (shipped defaults)'}")
+    for var_key, var in sorted(cfg.overrides.items()):
+        typer.echo(f"  {var_key} from {var}")
+    typer.echo(f"store      {cfg.store_dsn}")
+    typer.echo(f"webhook    {(cfg.webhook or {}).get('url', '-')}")
+    shown = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+    shown["batch_size"] = shown.pop("batch_max")
+    shown.pop("limits")
+    typer.echo(
+        "worker     " + ", ".join(f"{k}={v}" for k, v in shown.items() if k != "score_types")
+    )
+    typer.echo(f"detectors  overridden: {', '.join(sorted(cfg.detectors)) or '-'}")
+    typer.echo(f"models     {', '.join(sorted(cfg.models)) or '-'} (inventory)")
+
+
+@config_app.command("schema")
+def config_schema() -> None:
+    """Print the configuration's JSON Schema (for editors and reviews)."""
+    from streams.config import SCHEMA_PATH
+
+    typer.echo(SCHEMA_PATH.read_text(), nl=False)
 
 
 def main() -> None:

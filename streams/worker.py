@@ -54,6 +54,7 @@ class WorkerSettings:
     delivery_budget_s: float = 2.0  # per checkpoint; what is left waits for the next one
     route_alert_s: float = 30.0  # a route failing this long raises pipeline.sink_paused
     limits: Limits = field(default_factory=Limits)
+    score_types: dict[str, str] = field(default_factory=dict)  # model -> score type (inventory)
 
 
 @dataclass
@@ -93,7 +94,7 @@ class Worker:
         self.pipeline = Pipeline(
             detectors,
             s.limits,
-            ReferenceStore(n_events=s.reference_events),
+            ReferenceStore(n_events=s.reference_events, score_types=s.score_types),
             lateness_ms=int(s.lateness_s * 1000),
             idle_partition_s=s.idle_partition_s,
             idle_key_ms=int(s.idle_key_s * 1000),
