@@ -163,3 +163,10 @@ def test_cli_check_and_run_refuse_a_bad_file_before_consuming_anything(tmp_path:
     assert ran.returncode == 0, ran.stderr
     with Store(f"chdb:{store_dir}") as store:  # the file's store, every event once
         assert store.query("SELECT count() FROM events FINAL").result_rows[0][0] == 3_000
+
+
+def test_the_readme_example_is_a_valid_configuration(tmp_path: Path) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    example = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    cfg = load(write(tmp_path, example), {})
+    assert cfg.models["fraud"]["score_type"] == "probability"
