@@ -208,12 +208,14 @@ class _Checker:
             if k not in allowed:
                 self.add("wrong_type", f"{at}{k}", "unknown field (not in schema v1)")
 
-    def text(self, path: str, v: Any, required: bool = False) -> Any:
+    def text(self, path: str, v: Any, required: bool = False, limited: bool = False) -> Any:
+        """A string field; ``limited`` ones (prompt, message contents, output text: the JSON
+        Schema's and the fast path's) are held to ``Limits.max_text_bytes``."""
         if v is None and required:
             self.add("missing_field", path, "required")
         elif v is not None and not isinstance(v, str):
             self.wrong(path, "string", v)
-        elif v is not None and len(v) * 4 > self.limits.max_text_bytes:
+        elif limited and v is not None and len(v) * 4 > self.limits.max_text_bytes:
             size = len(v.encode("utf-8"))
             if size > self.limits.max_text_bytes:
                 self.add("oversize_text", path, f"{size} bytes, limit {self.limits.max_text_bytes}")
@@ -312,7 +314,7 @@ class _Checker:
                     )
                 )
             out["vector"] = vec
-        out["prompt"] = self.text("input.prompt", v.get("prompt"))
+        out["prompt"] = self.text("input.prompt", v.get("prompt"), limited=True)
         out["messages"] = self.messages(v.get("messages"))
         return {k: x for k, x in out.items() if x is not None}
 
@@ -328,7 +330,7 @@ class _Checker:
                 continue
             self.unknown(m, ("role", "content"), f"{path}.")
             self.text(f"{path}.role", m.get("role"), required=True)
-            self.text(f"{path}.content", m.get("content"), required=True)
+            self.text(f"{path}.content", m.get("content"), required=True, limited=True)
         return v
 
     def output(self, v: Any) -> Any:
@@ -350,7 +352,7 @@ class _Checker:
                 self.number(f"output.scores.{k}", x)
             out["scores"] = scores
         out["value"] = self.number("output.value", v.get("value"))
-        out["text"] = self.text("output.text", v.get("text"))
+        out["text"] = self.text("output.text", v.get("text"), limited=True)
         out["finish_reason"] = self.text("output.finish_reason", v.get("finish_reason"))
         return {k: x for k, x in out.items() if x is not None}
 
