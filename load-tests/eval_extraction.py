@@ -96,6 +96,7 @@ def run_seed(seed: int, callers: int) -> dict[str, object]:
         first[k] = (min(c0, x.ts_ms), min(lo, x.first_seen_ms), max(x.last_seen_ms, hi))
     ts, key = cols["ts"].astype(np.int64), cols["key"]
     linked: dict[str, int] = {}  # api key -> earliest alert ts linking to it
+    via: dict[str, set[str]] = defaultdict(set)  # api key -> entity types of linking alerts
     for (et, ent, _), (crossing, lo, hi) in first.items():
         if et == "api_key":
             who = [ent]
@@ -105,6 +106,7 @@ def run_seed(seed: int, callers: int) -> dict[str, object]:
             who = sorted(set(key[inside].tolist()))
         for caller in who:
             linked[caller] = min(linked.get(caller, crossing), crossing)
+            via[caller].add(et)
     rows = []
     tag = cols["tag"]
     for inst in instances:
@@ -113,7 +115,8 @@ def run_seed(seed: int, callers: int) -> dict[str, object]:
         q = int((mine <= at).sum()) if at is not None else None
         rows.append((inst, q))
     flagged = sorted(k for k in keys if k in linked)
-    return {"rows": rows, "flagged": flagged, "benign": len(keys), "events": n,
+    why = [f"{tr.kinds.get(k, '?')} via {'+'.join(sorted(via[k]))}" for k in flagged]
+    return {"rows": rows, "flagged": flagged, "why": why, "benign": len(keys), "events": n,
             "wall_s": wall, "det_s": det_s, "alerts": len(first)}  # fmt: skip
 
 
@@ -124,8 +127,7 @@ def main() -> None:
     args = parser.parse_args()
     total_b = total_f = 0
     per_kind: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
-    all_rows = 0
-    early = 0
+    all_rows = early = required = required_early = missed_required = 0
     for seed in args.seeds:
         res = run_seed(seed, args.callers)
         print(f"\nseed {seed}: {res['events']} events, {res['alerts']} episodes, "
@@ -141,19 +143,28 @@ def main() -> None:
             k = per_kind[f"{inst.kind}/{inst.variant}"]
             k[1] += 1
             all_rows += 1
+            # reported, not required by the bar: equation solving, slow natural-data sampling
+            req = not (inst.kind == "equation" or (inst.kind, inst.variant) == ("knockoff", "slow"))
+            required += req
+            missed_required += req and q is None
+            if q is not None and q <= 0.1 * inst.queries:
+                k[2] += 1
+                early += 1
+                required_early += req
             if q is not None:
                 k[0] += 1
-                if q <= 0.1 * inst.queries:
-                    k[2] += 1
-                    early += 1
         fl = res["flagged"]
         total_b += int(res["benign"])  # type: ignore[call-overload]
         total_f += len(fl)  # type: ignore[arg-type]
         print(f"  benign callers flagged: {len(fl)}/{res['benign']}")  # type: ignore[arg-type]
+        for caller, why in zip(fl, res["why"], strict=True):  # type: ignore[call-overload]
+            print(f"    {caller}: {why}")
     print("\nper attack/variant: detected/total, detected before 10% of its queries")
     for kind, (hit, tot, e) in sorted(per_kind.items()):
         print(f"  {kind:18} {hit}/{tot}  early {e}/{tot}")
     print(f"all instances detected before 10%: {early}/{all_rows}")
+    print(f"required instances (all but equation and slow knockoff): missed {missed_required}, "
+          f"detected before 10% {required_early}/{required}")  # fmt: skip
     ub = float(stats.beta.ppf(0.95, total_f + 1, total_b - total_f))
     print(f"benign callers flagged: {total_f}/{total_b}, one-sided 95% upper bound {ub:.2e}")
 
