@@ -85,6 +85,7 @@ from detectors.extraction_state import (
 )
 from detectors.query_sketch import (
     DISTS,
+    PROJ_DIM,
     RING,
     ModelSketch,
     Queries,
@@ -107,35 +108,44 @@ def _nearest(
     seq0: I64,
     seq: I64,
     seg0: I64,
+    seg_id: I64,
+    starts: I64,
     q: npt.NDArray[np.int8],
     h: npt.NDArray[np.uint32],
 ) -> tuple[F64, npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
     """Each query (rows sorted by key) against its key's previous ``RING`` queries: the
     distance to the nearest that is not an exact repeat, whether one is an exact repeat, and
     whether any non-repeat exists. The stored ring holds queries ``seq0 - RING .. seq0 - 1``
-    (query ``t`` at ``t % RING``); later ones are the key's earlier rows of this batch."""
-    m = s.size
-    qi = q.astype(np.int32)
-    slot_t = seq0[:, None] - RING + ((np.arange(RING)[None, :] - seq0[:, None]) % RING)
-    ok1 = (slot_t >= 0) & (slot_t >= seq[:, None] - RING)
-    diff = cols["ring_q"][s].astype(np.int32) - qi[:, None, :]
-    d2 = (diff * diff).sum(axis=2)
-    exact = ok1 & (cols["ring_h"][s] == h[:, None]) & (d2 == 0)
-    best = np.where(ok1 & ~exact, d2, _BIG).min(axis=1)
-    repeat = exact.any(axis=1)
-    has_other = (ok1 & ~exact).any(axis=1)
-    later = np.flatnonzero(np.arange(m) > seg0)  # rows with earlier rows of their key here
-    if later.size:
-        j = later[:, None] - np.arange(1, RING + 1)[None, :]
-        ok2 = j >= seg0[later][:, None]
-        j = np.maximum(j, 0)
-        diff2 = qi[j] - qi[later][:, None, :]
-        d2b = (diff2 * diff2).sum(axis=2)
-        exact2 = ok2 & (h[j] == h[later][:, None]) & (d2b == 0)
-        best[later] = np.minimum(best[later], np.where(ok2 & ~exact2, d2b, _BIG).min(axis=1))
-        repeat[later] |= exact2.any(axis=1)
-        has_other[later] |= (ok2 & ~exact2).any(axis=1)
-    return np.sqrt(best), repeat, has_other
+    (query ``t`` at ``t % RING``); later ones are the key's earlier rows of this batch.
+
+    One gather per row from a pool of the batch's keys' rings and the batch's queries: an
+    8-byte projection is read as one int64, so exact repeats are integer compares, and squared
+    distances are ``|a|^2 + |b|^2 - 2 a.b`` in float32, exact for int8 coordinates."""
+    m, nseg = s.size, starts.size
+    pool_q = np.concatenate(
+        [cols["ring_q"][s[starts]].reshape(nseg * RING, PROJ_DIM), np.ascontiguousarray(q)]
+    )
+    pool_h = np.concatenate([cols["ring_h"][s[starts]].reshape(-1), h])
+    t = seq[:, None] - RING + np.arange(RING)[None, :]  # predecessors' sequence numbers
+    ok = t >= 0
+    before = seq0[:, None]
+    idx = np.where(
+        t < before, seg_id[:, None] * RING + t % RING, nseg * RING + seg0[:, None] + t - before
+    )
+    idx[~ok] = 0
+    words = pool_q.view(np.int64)[:, 0]
+    got = words[idx]
+    exact = ok & (got == words[nseg * RING :][:, None]) & (pool_h[idx] == h[:, None])
+    other = ok & ~exact
+    pool_f = pool_q.astype(np.float32)
+    norms = np.einsum("ij,ij->i", pool_f, pool_f)
+    qf = pool_f[nseg * RING :]
+    dot = np.einsum(
+        "ijk,ik->ij", got.view(np.int8).reshape(m, RING, PROJ_DIM).astype(np.float32), qf
+    )
+    d2 = norms[idx] + norms[nseg * RING :][:, None] - 2.0 * dot
+    best = np.where(other, d2, np.float32(_BIG)).min(axis=1).astype(np.float64)
+    return np.sqrt(best), exact.any(axis=1), other.any(axis=1)
 
 
 @register("extraction.query_pattern")
@@ -258,7 +268,9 @@ class QueryPattern(Episodes, DetectorBase):
         seq0 = cols["seq"][s]
         last_flag0 = cols["last_flag"][s].copy()
         seq = seq0 + np.arange(m) - seg0
-        dmin, repeat, has_other = _nearest(cols, s, seq0, seq, seg0, qs.q[r], qs.h[r])
+        dmin, repeat, has_other = _nearest(
+            cols, s, seq0, seq, seg0, seg_id, starts, qs.q[r], qs.h[r]
+        )
         near = ~repeat & has_other & (dmin <= qs.near[r])
         record = ~repeat & (seq >= RING)
         dq = np.minimum(np.rint(2 * dmin), 255).astype(np.uint8)

@@ -137,12 +137,13 @@ class ModelSketch:
     class_prior: F64  # (8,) share of reference answers per class bucket
 
     def normal_scores(self, x: F64) -> F64:
-        z = np.zeros(x.shape)
-        for j in range(x.shape[1]):
-            col = x[:, j]
-            z[:, j] = np.interp(col, self.knots[j], self.knot_z[j])
-        z[np.isnan(x)] = 0.0
-        return z
+        xt = np.ascontiguousarray(x.T)  # one feature per contiguous row: interp reads no strides
+        zt = np.empty(xt.shape)
+        for j in range(xt.shape[0]):
+            zt[j] = np.interp(xt[j], self.knots[j], self.knot_z[j])
+        zt[np.isnan(xt)] = 0.0
+        out: F64 = zt.T
+        return out
 
     def project(self, z: F64) -> I8:
         y = np.rint(z @ self.projection * Q_SCALE)
@@ -150,8 +151,11 @@ class ModelSketch:
         return out
 
     def off_distance(self, z: F64) -> F64:
-        d2 = (z * z).sum(axis=1)[:, None] + self.anchor_sq[None, :] - 2.0 * (z @ self.anchors.T)
-        out: F64 = np.sqrt(np.maximum(d2.min(axis=1), 0.0))
+        # |z|^2 is the same for every anchor: add it after the minimum (one pass fewer)
+        g = z @ (-2.0 * self.anchors.T)
+        g += self.anchor_sq
+        d2 = g.min(axis=1) + np.einsum("ij,ij->i", z, z)
+        out: F64 = np.sqrt(np.maximum(d2, 0.0))
         return out
 
 
