@@ -1,7 +1,7 @@
 """Registry of detectors by ``<family>.<name>``; ``inferwatch run`` with no config runs them all.
 
->>> sorted(names())[:2]
-['abuse.rate_spike', 'drift.psi']
+>>> sorted(names())[:3]
+['abuse.rate_spike', 'drift.features', 'drift.psi']
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def register(name: str) -> Callable[[type[Any]], type[Any]]:
 
 def _load_builtin() -> None:
     # Importing the modules registers them; one public detector per module.
-    import detectors.extraction
+    import detectors.drift
     import detectors.psi
     import detectors.rate_spike  # noqa: F401
 

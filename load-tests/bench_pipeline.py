@@ -1,6 +1,7 @@
 """Throughput of the spine: file -> worker -> chdb, per stage and end to end, beside a baseline.
 
     .venv/bin/python load-tests/bench_pipeline.py [--runs 3] [--small 100000] [--large 400000]
+        [--exclude drift.features]   # every shipped detector but these: what one of them adds
 
 End-to-end events/s is (large - small) / (t_large - t_small) over two replays of simulated
 tabular events (scenario ``bench``: ~500 bytes, 16 numeric features, two-class scores, 500
@@ -22,13 +23,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
+EXCLUDE: set[str] = set()  # registry names left out (--exclude)
+
+
+def detectors() -> list[Any]:
+    from detectors.registry import create, names
+
+    return [create(n) for n in names() if n not in EXCLUDE]
+
+
 def worker_run(path: Path, store_dir: Path) -> tuple[float, dict[str, float], int]:
-    from detectors.registry import create_all
     from streams.sources import FileSource
     from streams.store import Store
     from streams.worker import Worker, WorkerSettings
@@ -36,7 +46,7 @@ def worker_run(path: Path, store_dir: Path) -> tuple[float, dict[str, float], in
     t0 = time.perf_counter()
     source = FileSource(path)
     with Store(f"chdb:{store_dir}") as store:
-        counters = Worker(store, source, create_all(), WorkerSettings()).run()
+        counters = Worker(store, source, detectors(), WorkerSettings()).run()
     source.close()
     return time.perf_counter() - t0, dict(counters.stage_s), counters.events_total
 
@@ -46,7 +56,6 @@ def kafka_run(path: Path, store_dir: Path) -> tuple[float, dict[str, float], int
     worker consumes it into chdb; the clock runs until every event is committed."""
     import threading
 
-    from detectors.registry import create_all
     from streams.broker import MockCluster, produce_paced
     from streams.kafka_source import KafkaSource
     from streams.store import Store
@@ -58,7 +67,7 @@ def kafka_run(path: Path, store_dir: Path) -> tuple[float, dict[str, float], int
     with MockCluster() as cluster, Store(f"chdb:{store_dir}") as store:
         cluster.create_topic(topic)
         source = KafkaSource(cluster.bootstrap, topic, group)
-        worker = Worker(store, source, create_all(), settings)
+        worker = Worker(store, source, detectors(), settings)
         done = threading.Event()
 
         def produce() -> None:
@@ -121,7 +130,7 @@ def in_subprocess(kind: str, path: Path) -> dict[str, object]:
         code = (
             f"import json,sys; sys.path.insert(0, {str(ROOT)!r}); import importlib.util as u; "
             f"s=u.spec_from_file_location('b', {__file__!r}); b=u.module_from_spec(s); "
-            "s.loader.exec_module(b); "
+            f"s.loader.exec_module(b); b.EXCLUDE.update({sorted(EXCLUDE)!r}); "
             f"print(json.dumps(b.one({kind!r}, {str(path)!r}, {str(Path(tmp) / 'store')!r})))"
         )
         out = subprocess.run(
@@ -145,7 +154,9 @@ def main() -> None:
     parser.add_argument("--large", type=int, default=400_000)
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--only", choices=["worker", "kafka", "baseline"], default=None)
+    parser.add_argument("--exclude", action="append", default=[], help="a registry name")
     args = parser.parse_args()
+    EXCLUDE.update(args.exclude)
     from streams.simulate import write
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -154,6 +165,8 @@ def main() -> None:
         write("bench", args.large, 1, large)
         size = large.stat().st_size / args.large
         print(f"machine: {platform.machine()}, {platform.python_version()}, bytes/event {size:.0f}")
+        if EXCLUDE:
+            print(f"detectors left out: {', '.join(sorted(EXCLUDE))}")
         kinds = ["worker", "kafka"] + ([] if args.skip_baseline else ["baseline"])
         kinds = [args.only] if args.only else kinds
         for kind in kinds:
