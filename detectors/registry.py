@@ -28,6 +28,7 @@ def register(name: str) -> Callable[[type[Any]], type[Any]]:
 def _load_builtin() -> None:
     # Importing the modules registers them; one public detector per module.
     import detectors.drift
+    import detectors.extraction
     import detectors.psi
     import detectors.rate_spike  # noqa: F401
 
