@@ -49,9 +49,41 @@ survive a restart. Nothing is model-level: the per-model part (normal-score maps
 per flagged query; one alert per caller episode, which closes an hour of event time after its
 last flagged query.
 
->>> from detectors.extraction import QueryPattern
->>> QueryPattern().atlas
-('AML.T0024.002', 'AML.T0043')
+A boundary walk (tiny steps around one record) is alerted as evasion probing after 32 queries;
+natural records from another key raise nothing:
+
+>>> import dataclasses
+>>> from detectors.base import DetectorInput, KeySpace, entity_keys
+>>> from detectors.reference_store import ReferenceStore
+>>> from detectors.routing import FeatureIndex, route
+>>> from schemas.batch import empty_batch
+>>> def batch(keys, x, t0):
+...     n, obj = len(keys), lambda v: np.full(len(keys), v, object)
+...     p = 1 / (1 + np.exp(-x[:, 0]))
+...     return dataclasses.replace(empty_batch(),
+...         event_id=np.array([f"e{t0 + i}" for i in range(n)], object),
+...         ts_ms=t0 + 1000 * np.arange(n, dtype=np.int64), model_id=obj("m"),
+...         model_version=obj("1"), tenant=obj("t"), api_key_id=np.asarray(keys, object),
+...         client_ip=obj(""), session_id=obj(""), status=np.full(n, 200, np.int32),
+...         vector=np.zeros((n, 0)), vector_len=np.zeros(n, np.int32),
+...         cat_codes=np.zeros((n, 0), np.int32), num_names=("a", "b", "c", "d"),
+...         num_values=x, score_labels=("no", "yes"), scores=np.c_[1 - p, p],
+...         output_label=obj(""), output_value=np.full(n, np.nan),
+...         partition=np.zeros(n, np.int32))
+>>> rng, index, refs = np.random.default_rng(0), FeatureIndex(), ReferenceStore()
+>>> warm = batch([f"k{i % 50}" for i in range(2_000)], rng.normal(size=(2_000, 4)), 0)
+>>> _ = refs.update(warm, route(warm, index))  # the model's reference: 2,000 natural queries
+>>> det, ks = QueryPattern(), KeySpace()
+>>> def run(b):
+...     slots = {et: ks[et].lookup(entity_keys(b, et), b.ts_ms, b.partition)
+...              for et in det.entity_types}
+...     return det.update(DetectorInput(b, slots, ks, 0, route(b, index), refs.frozen()))
+>>> run(batch(["key_app01"] * 300, rng.normal(size=(300, 4)), 5_000_000)).alerts
+()
+>>> walk = rng.normal(size=4) + np.cumsum(rng.normal(0, 1e-3, (300, 4)), axis=0)
+>>> a = run(batch(["key_probe01"] * 300, walk, 10_000_000)).alerts[0]
+>>> a.entity, a.evidence["atlas"], a.evidence["signals"], a.evidence["queries_before"]
+('key_probe01', ['AML.T0043'], ['near_duplicates', 'near_duplicate_streak'], 32)
 """
 
 from __future__ import annotations
