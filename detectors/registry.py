@@ -30,7 +30,8 @@ def _load_builtin() -> None:
     import detectors.drift
     import detectors.extraction
     import detectors.psi
-    import detectors.rate_spike  # noqa: F401
+    import detectors.rate_spike
+    import detectors.silent_source  # noqa: F401
 
 
 def names() -> list[str]:

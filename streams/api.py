@@ -69,7 +69,7 @@ class CommandSpec:
 
     apply: Callable[[Any, dict[str, Any]], None]
     args: tuple[str, ...] = ()
-    check: Callable[[dict[str, Any]], None] | None = None
+    check: Callable[[dict[str, Any]], object] | None = None
     checkpoint_soon: bool = False
 
 
@@ -77,8 +77,92 @@ def _nothing(worker: Any, args: dict[str, Any]) -> None:
     """The checkpoint that applies the command is the whole effect."""
 
 
+def _need(args: dict[str, Any], *names: str) -> None:
+    missing = [n for n in names if n not in args]
+    if missing:
+        raise ValueError(f"missing args {missing}")
+
+
+def _silence(args: dict[str, Any]) -> Any:
+    from streams import analyst
+
+    _need(args, "matchers", "ends_ms", "author", "silence_id")
+    return analyst.new_silence(
+        args["matchers"], args["ends_ms"], args["author"], args.get("comment", ""),
+        args.get("starts_ms"), args["silence_id"],
+    )  # fmt: skip
+
+
+def _allow(args: dict[str, Any]) -> Any:
+    from streams import analyst
+
+    _need(args, "entity_type", "entity", "ends_ms", "author", "allow_id")
+    return analyst.new_allow(
+        args["entity_type"], args["entity"], args.get("model_id", ""), args["ends_ms"],
+        args["author"], args.get("reason", ""), args["allow_id"],
+    )  # fmt: skip
+
+
+def _add_silence(worker: Any, args: dict[str, Any]) -> None:
+    from streams import analyst
+
+    worker.lifecycle.silences.append(analyst.add_silence(worker.store, _silence(args)))
+
+
+def _expire_silence(worker: Any, args: dict[str, Any]) -> None:
+    from streams import analyst
+
+    expired = analyst.expire_silence(worker.store, args["silence_id"])
+    lc = worker.lifecycle
+    lc.silences = [s for s in lc.silences if s.silence_id != expired.silence_id] + [expired]
+
+
+def _add_allow(worker: Any, args: dict[str, Any]) -> None:
+    from streams import analyst
+
+    worker.lifecycle.allow.append(analyst.add_allow(worker.store, _allow(args)))
+
+
+def _expire_allow(worker: Any, args: dict[str, Any]) -> None:
+    from streams import analyst
+
+    expired = analyst.expire_allow(worker.store, args["allow_id"])
+    lc = worker.lifecycle
+    lc.allow = [a for a in lc.allow if a.allow_id != expired.allow_id] + [expired]
+
+
+def _change_incident(worker: Any, args: dict[str, Any]) -> None:
+    from streams import analyst
+
+    inc = analyst.update_incident(worker.store, args["incident_id"], args["change"])
+    kept = ("status", "verdict", "verdict_by", "verdict_at", "assignee", "notes")
+    worker.lifecycle.analyst(args["incident_id"], **{k: inc.get(k) for k in kept})
+
+
+def _check_incident(args: dict[str, Any]) -> None:
+    if not isinstance(args.get("incident_id"), str) or not isinstance(args.get("change"), dict):
+        raise ValueError("expected incident_id and change")
+
+
 COMMANDS: dict[str, CommandSpec] = {
     "checkpoint_now": CommandSpec(_nothing, checkpoint_soon=True),
+    "silence_add": CommandSpec(
+        _add_silence,
+        ("matchers", "ends_ms", "author", "comment", "starts_ms", "silence_id"),
+        _silence,
+        checkpoint_soon=True,
+    ),
+    "silence_expire": CommandSpec(_expire_silence, ("silence_id",), checkpoint_soon=True),
+    "allow_add": CommandSpec(
+        _add_allow,
+        ("entity_type", "entity", "model_id", "ends_ms", "author", "reason", "allow_id"),
+        _allow,
+        checkpoint_soon=True,
+    ),
+    "allow_expire": CommandSpec(_expire_allow, ("allow_id",), checkpoint_soon=True),
+    "incident_change": CommandSpec(
+        _change_incident, ("incident_id", "change"), _check_incident, checkpoint_soon=True
+    ),
 }
 
 

@@ -134,8 +134,10 @@ def prepare(
     source: str,
     next_offsets: dict[int, int],
     new_references: list[Reference],
+    blobs: dict[str, bytes] | None = None,
 ) -> Prepared:
-    """Take one checkpoint's state rows and positions (no I/O: :func:`write` stores them)."""
+    """Take one checkpoint's state rows and positions (no I/O: :func:`write` stores them);
+    ``blobs`` are the worker's own model-level state (the alert lifecycle), by name."""
     seq = take_seq(store)
     tables: list[tuple[str, pa.Table]] = []
     evicted = pipeline.evicted
@@ -158,6 +160,7 @@ def prepare(
     if pipeline.features.changed:
         extra.append((MODEL, -1, ROUTING, pipeline.features.snapshot(), 0))
     extra.append((MODEL, -1, REFERENCES, pipeline.references.snapshot(), 0))
+    extra.extend((MODEL, -1, name, blob, 0) for name, blob in (blobs or {}).items())
     tables.append(("detector_state", _state_table(seq, "_pipeline", extra)))
     now_ms = int(time.time() * 1000)
     if new_references:
@@ -239,6 +242,17 @@ def load(
     for det in pipeline.detectors:
         _restore(det, by_det.get(det.name, []), pipeline.keyspace)
     return len(result)
+
+
+def load_blob(store: Store, name: str) -> bytes | None:
+    """The latest committed worker blob saved with ``prepare(..., blobs={name: ...})``."""
+    rows = store.query(
+        "SELECT argMax(data, seq) FROM detector_state WHERE detector = '_pipeline' "
+        "AND key = {k:String} AND seq <= {s:UInt64}",
+        {"k": name, "s": committed_seq(store)},
+        binary=True,
+    ).result_rows
+    return bytes(rows[0][0]) if rows and rows[0][0] else None
 
 
 def _restore(det: Detector, rows: list[tuple[str, int, str, bytes]], keyspace: KeySpace) -> None:

@@ -122,7 +122,7 @@ def run(
     webhook = webhook or hook.get("url")
     if webhook_ca_file is None and hook.get("ca_file"):
         webhook_ca_file = Path(hook["ca_file"])
-    routes = _routes(webhook, webhook_ca_file)
+    routes = _routes(webhook, webhook_ca_file, hook.get("notify", "alerts"))
     try:
         if source.startswith("kafka://"):
             from streams.kafka_config import config_from_env
@@ -177,7 +177,7 @@ def _config(path: Path | None) -> Any:
         fail(str(exc))
 
 
-def _routes(webhook: str | None, ca_file: Path | None) -> list[Any]:
+def _routes(webhook: str | None, ca_file: Path | None, notify: str = "alerts") -> list[Any]:
     """The delivery routes, checked before anything is opened."""
     import ssl
 
@@ -190,7 +190,7 @@ def _routes(webhook: str | None, ca_file: Path | None) -> list[Any]:
     if ca_file is not None and not ca_file.is_file():
         fail(f"--webhook-ca-file {ca_file}: expected a PEM file, found none")
     try:
-        return [WebhookRoute(WebhookSettings(webhook, ca_file))]
+        return [WebhookRoute(WebhookSettings(webhook, ca_file, notify=notify))]
     except RouteConfigError as exc:
         fail(f"{exc} (--webhook or INFERWATCH_WEBHOOK_URL)")
     except ssl.SSLError as exc:
@@ -453,6 +453,11 @@ def config_schema() -> None:
 
 
 def main() -> None:
+    from streams.cli_analyst import allow_app, incidents_app, silence_app
+
+    app.add_typer(silence_app, name="silence")
+    app.add_typer(allow_app, name="allow")
+    app.add_typer(incidents_app, name="incidents")
     app()
 
 

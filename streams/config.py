@@ -90,7 +90,60 @@ class Config:
         values = {_SETTING_NAMES.get(k, k): v for k, v in self.data.get("worker", {}).items()}
         values.update({k: v for k, v in flags.items() if v is not None})
         score_types = {m: e["score_type"] for m, e in self.models.items() if "score_type" in e}
-        return WorkerSettings(**values, score_types=score_types)
+        criticality = {m: e["criticality"] for m, e in self.models.items() if "criticality" in e}
+        return WorkerSettings(
+            **values,
+            score_types=score_types,
+            criticality=criticality,
+            grouping=self.grouping,
+            silences=self.silences,
+        )
+
+    @property
+    def grouping(self) -> Any:
+        from streams.lifecycle import Grouping
+
+        given = self.data.get("lifecycle", {})
+        default = Grouping()
+        return Grouping(
+            tuple(given.get("group_by", default.group_by)),
+            int(given.get("group_wait_s", default.group_wait_ms / 1000) * 1000),
+            int(given.get("group_interval_s", default.group_interval_ms / 1000) * 1000),
+            int(given.get("repeat_interval_s", default.repeat_interval_ms / 1000) * 1000),
+        )
+
+    @property
+    def silences(self) -> tuple[Any, ...]:
+        """The file's silences (checked by :func:`load`)."""
+        from streams.lifecycle import Matcher, Silence
+
+        out = []
+        for i, s in enumerate(self.data.get("silences", [])):
+            start = _time_ms(s["starts"]) if "starts" in s else 0
+            out.append(
+                Silence(
+                    f"config-{i}",
+                    tuple(Matcher.parse(m) for m in s["matchers"]),
+                    start,
+                    _time_ms(s["ends"]),
+                    s.get("author", "config"),
+                    s.get("comment", ""),
+                )
+            )
+        return tuple(out)
+
+
+def _time_ms(text: str) -> int:
+    """Epoch ms of an RFC 3339 time; a ValueError names it."""
+    import datetime as dt
+
+    try:
+        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an RFC 3339 time (2026-12-05T09:00:00Z)") from None
+    if moment.tzinfo is None:
+        raise ValueError(f"{text!r} has no time zone; add Z or +HH:MM")
+    return int(moment.timestamp() * 1000)
 
 
 def load(path: Path | str | None, env: Mapping[str, str]) -> Config:
@@ -122,6 +175,10 @@ def load(path: Path | str | None, env: Mapping[str, str]) -> Config:
         _check(data, var)
     cfg = Config(data, Path(path) if path is not None else None, overrides)
     check_detectors(cfg.detectors, where)
+    try:
+        cfg.silences  # noqa: B018 - times and matchers the schema cannot check
+    except ValueError as exc:
+        raise ConfigError(f"{where}: silences: {exc}") from None
     return cfg
 
 

@@ -43,6 +43,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 SEVERITIES = ("info", "low", "medium", "high", "critical")
 CRITICALITY_SHIFT = {"low": -1, "medium": 0, "high": 0, "critical": 1}
 LABELS = ("detector", "model_id", "entity_type", "entity", "tenant", "severity")
@@ -200,6 +202,8 @@ class Lifecycle:
         self.suppressed: dict[str, dict[str, Any]] = {}  # firing alerts held back, by id
         self.incidents: dict[str, dict[str, Any]] = {}  # open ones, by id
         self.changed_incidents: set[str] = set()
+        self.released: list[dict[str, Any]] = []  # records un-silenced by ``due``, to store
+        self.member: dict[str, str] = {}  # alert id -> its group's key, while in a group
 
     def _group_key(self, alert: Mapping[str, Any]) -> tuple[str, dict[str, str]]:
         labels = {k: str(alert.get(k, "")) for k in self.grouping.group_by}
@@ -234,7 +238,8 @@ class Lifecycle:
                 rec["evidence"] = {**dict(rec.get("evidence") or {}), "suppressed_by": why}
                 out.append(rec)
                 continue
-            if self.suppressed.pop(rec["alert_id"], None) is not None and why is not None:
+            self.suppressed.pop(rec["alert_id"], None)
+            if why is not None and rec["alert_id"] not in self.member:
                 out.append(rec)  # resolved while suppressed: recorded, never notified
                 continue
             out.append(self._join(rec, now_ms))
@@ -244,8 +249,8 @@ class Lifecycle:
         key, labels = self._group_key(rec)
         group = self.groups.get(key)
         if group is None:
-            if rec.get("status") == "resolved":
-                return rec  # nothing of it was ever notified in a live group
+            # a resolved alert opens a group too: an episode that fired and cleared between
+            # two checkpoints is seen only resolved, and must still reach someone
             first = int(rec.get("ts", now_ms))
             group = _Group(key, labels, incident_id(key, first), first)
             group.next_ms = now_ms + self.grouping.group_wait_ms
@@ -255,6 +260,7 @@ class Lifecycle:
         if before is None or before.get("status") != rec.get("status"):
             group.changed = True
         group.alerts[rec["alert_id"]] = rec
+        self.member[rec["alert_id"]] = key
         return rec
 
     def _release(self, now_ms: int) -> list[dict[str, Any]]:
@@ -268,6 +274,7 @@ class Lifecycle:
                 k: v for k, v in dict(rec.get("evidence") or {}).items() if k != "suppressed_by"
             }
             out.append(self._join(rec, now_ms))
+        self.released += out
         return out
 
     def due(self, now_ms: int) -> list[Notification]:
@@ -290,9 +297,13 @@ class Lifecycle:
                 out.append(self._notify(group, now_ms, firing))
                 group.last_sent_ms, group.changed = now_ms, False
                 group.next_ms = now_ms + g.group_interval_ms
+                sent = list(group.alerts.values())
                 # resolved alerts are sent once, then leave the group
                 group.alerts = {k: a for k, a in group.alerts.items() if a["status"] == "firing"}
-                self._incident(group, now_ms)
+                for a in sent:
+                    if a["status"] != "firing":
+                        self.member.pop(a["alert_id"], None)
+                self._incident(group, sent, now_ms)
             if not group.alerts:
                 del self.groups[key]  # all resolved and notified: the incident ends
         return out
@@ -310,7 +321,7 @@ class Lifecycle:
             at_ms=now_ms,
         )
 
-    def _incident(self, group: _Group, now_ms: int) -> None:
+    def _incident(self, group: _Group, sent: list[dict[str, Any]], now_ms: int) -> None:
         """The incident v1 record of ``group`` after a notification (resolved once empty)."""
         inc = self.incidents.get(group.incident_id) or {
             "incident_id": group.incident_id,
@@ -321,15 +332,17 @@ class Lifecycle:
             "entities": [],
         }
         ids, entities = set(inc["alert_ids"]), {tuple(e) for e in inc["entities"]}
-        for a in group.alerts.values():
+        for a in sent:
             ids.add(a["alert_id"])
             entities.add((str(a.get("entity_type", "")), str(a.get("entity", ""))))
-        levels = [SEVERITIES.index(a["severity"]) for a in group.alerts.values()]
+        levels = [SEVERITIES.index(a["severity"]) for a in sent]
+        status = inc.get("status", "open")  # an analyst's acknowledged or closed stays
+        if not group.alerts:
+            status = "closed" if status == "closed" else "resolved"
+        elif status not in ("acknowledged", "closed"):
+            status = "open"
         inc.update(
-            alert_ids=sorted(ids),
-            entities=sorted(entities),
-            last_seen=now_ms,
-            status="open" if group.alerts else "resolved",
+            alert_ids=sorted(ids), entities=sorted(entities), last_seen=now_ms, status=status
         )
         if levels:
             inc["severity"] = SEVERITIES[
@@ -338,11 +351,40 @@ class Lifecycle:
         self.incidents[group.incident_id] = inc
         self.changed_incidents.add(group.incident_id)
 
+    def analyst(self, incident_id: str, **fields: Any) -> bool:
+        """Apply an analyst's change (status, verdict, assignee, notes) to an open incident so
+        the lifecycle's next write keeps it; False if the incident is not open here."""
+        inc = self.incidents.get(incident_id)
+        if inc is None:
+            return False
+        inc.update(fields)
+        return True
+
+    def take_released(self) -> list[dict[str, Any]]:
+        out, self.released = self.released, []
+        return out
+
+    def state_bytes(self) -> bytes:
+        """Groups, held-back alerts and open incidents (silences and allow-lists live in their
+        own tables)."""
+        groups = [{**vars(g)} for g in self.groups.values()]
+        state = {"groups": groups, "suppressed": self.suppressed, "incidents": self.incidents}
+        return bytes(orjson.dumps(state))
+
+    def restore(self, blob: bytes) -> None:
+        state = orjson.loads(blob)
+        self.groups = {g["key"]: _Group(**g) for g in state["groups"]}
+        self.member = {a: k for k, g in self.groups.items() for a in g.alerts}
+        self.suppressed = state["suppressed"]
+        self.incidents = state["incidents"]
+
     def take_incidents(self) -> list[dict[str, Any]]:
         """Incident records changed since the last call (to store)."""
         out = [self.incidents[i] for i in sorted(self.changed_incidents)]
         self.changed_incidents.clear()
         for inc in out:
-            if inc["status"] == "resolved":
+            if inc["status"] in ("resolved", "closed") and inc["incident_id"] not in {
+                g.incident_id for g in self.groups.values()
+            }:
                 del self.incidents[inc["incident_id"]]
         return out

@@ -79,6 +79,23 @@ def alert_json(record: dict[str, Any]) -> bytes:
     return bytes(orjson.dumps(out, option=orjson.OPT_SORT_KEYS))
 
 
+def notification_json(n: Any) -> bytes:
+    """A group notification (streams.lifecycle.Notification) as a route sends it: the group,
+    its incident, and up to 100 of its alerts as alert v1 JSON."""
+    alerts = [orjson.loads(alert_json(dict(a))) for a in n.alerts]
+    body = {
+        "version": "1",
+        "incident_id": n.incident_id,
+        "group_key": n.group_key,
+        "status": n.status,
+        "notification": int(n.key.rsplit(":", 1)[1]),
+        "total_alerts": n.total_alerts,
+        "truncated_alerts": n.total_alerts - len(alerts),
+        "alerts": alerts,
+    }
+    return bytes(orjson.dumps(body, option=orjson.OPT_SORT_KEYS))
+
+
 class Backoff:
     """Full-jitter exponential backoff: attempt n waits uniform(0, min(cap, base·2ⁿ)).
 
@@ -146,16 +163,28 @@ class Outbox:
             if row.route in self.routes and len(self.pending) < self.max_pending:
                 self.pending.setdefault(row.key, row)
 
-    def stage(self, records: Sequence[dict[str, Any]], seq: int) -> int:
-        """Write outbox rows for the (alert, status) pairs not staged before; returns how many."""
-        if not self.routes or not records:
+    def stage(
+        self, records: Sequence[dict[str, Any]], seq: int, notifications: Sequence[Any] = ()
+    ) -> int:
+        """Write outbox rows not staged before: per (alert, status) for a route that takes
+        alerts (silenced ones are recorded, not sent), per group notification (incident id,
+        its number) for a route that takes incidents; returns how many."""
+        if not self.routes or not (records or notifications):
             return 0
-        candidates = {}
-        for rec in records:
-            for route in self.routes:
-                key = (rec["alert_id"], rec["status"], route)
-                if key not in self._known and key not in self.pending:
-                    candidates[key] = rec
+        candidates: dict[tuple[str, str, str], tuple[bool, Any]] = {}  # key -> (grouped, what)
+        for route in self.routes:
+            if getattr(self.routes[route], "grouped", False):
+                for n in notifications:
+                    key = (n.incident_id, n.key.rsplit(":", 1)[1], route)
+                    candidates[key] = (True, n)
+            else:
+                for rec in records:
+                    if rec["status"] != "silenced":
+                        key = (rec["alert_id"], rec["status"], route)
+                        candidates[key] = (False, rec)
+        candidates = {
+            k: v for k, v in candidates.items() if k not in self._known and k not in self.pending
+        }
         if candidates:
             ids = sorted({k[0] for k in candidates})
             in_store = self.store.query(
@@ -165,7 +194,10 @@ class Outbox:
             ).result_rows
             for r in in_store:
                 candidates.pop((r[0], r[1], r[2]), None)
-        rows = [Row(k[0], k[1], k[2], alert_json(rec), seq) for k, rec in candidates.items()]
+        rows = [
+            Row(*k, notification_json(what) if grouped else alert_json(what), seq)
+            for k, (grouped, what) in candidates.items()
+        ]
         self._write(rows)
         for row in rows:
             if len(self.pending) >= self.max_pending:

@@ -115,4 +115,67 @@ def counts(store: Store) -> dict[str, int]:
     return out
 
 
-QUERIES = {"alerts": alerts, "findings": findings, "counts": counts}
+def incidents(
+    store: Store, status: str | None = None, incident_id: str | None = None, limit: int = 1000
+) -> list[dict[str, Any]]:
+    """Incidents, most recent first; with ``incident_id``, that one with its alerts."""
+    from streams import analyst
+
+    if incident_id:
+        inc = analyst.get_incident(store, incident_id)
+        inc["alerts"] = _rows(
+            store,
+            "SELECT alert_id, detector, status, severity, entity_type, entity, title "
+            "FROM alerts FINAL WHERE incident_id = {i:String} ORDER BY ts",
+            {"i": incident_id},
+        )
+        return [inc]
+    if status is not None and status not in analyst.INCIDENT_STATUSES:
+        raise ValueError(
+            f"--status {status!r}: expected one of {', '.join(analyst.INCIDENT_STATUSES)}"
+        )
+    return analyst.list_incidents(store, status)[:limit]
+
+
+def silences(store: Store, scope: str = "active") -> list[dict[str, Any]]:
+    """Silences (``scope`` active or all)."""
+    from streams import analyst
+
+    return [
+        {"silence_id": s.silence_id, "matchers": " ".join(map(str, s.matchers)),
+         "starts": _iso(s.starts_ms), "ends": _iso(s.ends_ms), "author": s.author,
+         "comment": s.comment}
+        for s in analyst.silences(store, include_expired=_all(scope))
+    ]  # fmt: skip
+
+
+def allow_list(store: Store, scope: str = "active") -> list[dict[str, Any]]:
+    """Allow-list entries (``scope`` active or all)."""
+    from streams import analyst
+
+    return [
+        {"allow_id": a.allow_id, "entity_type": a.entity_type, "entity": a.entity,
+         "model_id": a.model_id or "*", "ends": _iso(a.ends_ms), "author": a.author,
+         "reason": a.reason}
+        for a in analyst.allow_entries(store, include_expired=_all(scope))
+    ]  # fmt: skip
+
+
+def _all(scope: str) -> bool:
+    if scope not in ("active", "all"):
+        raise ValueError(f"scope {scope!r}: expected active or all")
+    return scope == "all"
+
+
+def _iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+QUERIES = {
+    "alerts": alerts,
+    "findings": findings,
+    "counts": counts,
+    "incidents": incidents,
+    "silences": silences,
+    "allow_list": allow_list,
+}

@@ -55,6 +55,7 @@ class WebhookSettings:
     max_attempts: int = 3  # per delivery round; the next checkpoint tries again
     backoff_base_s: float = 0.2
     backoff_max_s: float = 5.0
+    notify: str = "alerts"  # or "incidents": one POST per group notification
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,9 @@ class WebhookRoute:
     ) -> None:
         self.settings = settings
         validate_url(settings.url)
+        if settings.notify not in ("alerts", "incidents"):
+            raise RouteConfigError(f"notify {settings.notify!r}: expected alerts or incidents")
+        self.grouped = settings.notify == "incidents"
         self.name = "webhook"
         self._sleep = sleep
         self._rand = rand

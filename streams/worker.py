@@ -22,10 +22,12 @@ import pyarrow as pa
 from detectors.base import Detector
 from detectors.reference_store import ReferenceStore
 from schemas.batch import Limits
-from streams import checkpoint, records
+from streams import analyst, checkpoint, records
 from streams.buffers import Buffers, Rows, hmac_key
 from streams.checkpoint import Prepared
 from streams.faults import FAULT_ENV, Faults
+from streams.health import PipelineHealth
+from streams.lifecycle import Grouping, Lifecycle, Notification, Silence
 from streams.outage import RouteHealth, SinkOutage
 from streams.outbox import Outbox, Route
 from streams.pipeline import DetectorResult, Pipeline
@@ -35,6 +37,8 @@ from streams.store import Store, TransientStoreError
 if TYPE_CHECKING:
     from streams.api import ApiServer
 
+LIFECYCLE = "_lifecycle"  # name of the lifecycle's saved state
+INT64_MIN = -(2**63)
 END_OF_SOURCE_HORIZON_MS = 6 * 3_600_000  # how far event time moves on at the end of a file
 __all__ = ["FAULT_ENV", "Counters", "Worker", "WorkerSettings"]
 
@@ -53,8 +57,13 @@ class WorkerSettings:
     reference_events: int = 2_000
     delivery_budget_s: float = 2.0  # per checkpoint; what is left waits for the next one
     route_alert_s: float = 30.0  # a route failing this long raises pipeline.sink_paused
+    lag_alert_events: int = 1_000_000  # consumer lag above this...
+    lag_alert_s: float = 300.0  # ...for this long raises pipeline.consumer_lag
     limits: Limits = field(default_factory=Limits)
     score_types: dict[str, str] = field(default_factory=dict)  # model -> score type (inventory)
+    criticality: dict[str, str] = field(default_factory=dict)  # model -> criticality (inventory)
+    grouping: Grouping = field(default_factory=Grouping)
+    silences: tuple[Silence, ...] = ()  # from the config file; the store's are added at start
 
 
 @dataclass
@@ -113,6 +122,17 @@ class Worker:
         self.route_health = RouteHealth(s.route_alert_s)
         if self.outbox is not None:
             self.route_health.restore(store)
+        self.lifecycle = Lifecycle(
+            s.grouping,
+            s.criticality,
+            [*s.silences, *analyst.silences(store, include_expired=True)],
+            analyst.allow_entries(store, include_expired=True),
+        )
+        self._clock_ms = INT64_MIN  # the lifecycle's clock; only moves forward
+        self.health = PipelineHealth(source.name, s.lag_alert_events, s.lag_alert_s)
+        self.health.restore(store)
+        self._health_seen = (0, 0)  # (rejected, messages) at the last check
+        self._notifications: list[Notification] = []
         self.next_offsets: dict[int, int] = {}
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
@@ -130,9 +150,15 @@ class Worker:
         if getattr(self.source, "rebalances", False):
             # model-level state now; keyed state arrives with each partition assignment
             checkpoint.load(self.store, self.pipeline, set())
+            blob = checkpoint.load_blob(self.store, LIFECYCLE)
+            if blob is not None:
+                self.lifecycle.restore(blob)
             return
         saved = checkpoint.positions(self.store, self.source.name)
         checkpoint.load(self.store, self.pipeline, None)
+        blob = checkpoint.load_blob(self.store, LIFECYCLE)
+        if blob is not None:
+            self.lifecycle.restore(blob)
         if saved:
             self.next_offsets = {p: off for p, (off, _) in saved.items()}
             for p, (_, max_ts) in saved.items():
@@ -209,6 +235,8 @@ class Worker:
                 last = max(self.pipeline.watermark.max_ts.values(), default=None)
                 if last is not None:
                     self._buffer(self.pipeline.advance(last + END_OF_SOURCE_HORIZON_MS))
+                    g = self.settings.grouping
+                    self._tick(last + g.group_wait_ms + g.group_interval_ms)
                 break
             if self._checkpoint_due():
                 if self._idle():
@@ -324,15 +352,17 @@ class Worker:
         # pop, not iterate-then-clear: the API thread may append while we apply
         while self.commands:
             self.commands.pop(0)(self)
+        self._check_health()
+        notes = self._lifecycle()
         rows = self.buffers.take()
         prepared = checkpoint.prepare(
             self.store, self.pipeline, self.source.name, dict(self.next_offsets),
-            self.buffers.references,
+            self.buffers.references, {LIFECYCLE: self.lifecycle.state_bytes()},
         )  # fmt: skip
         self.buffers.references = []
         dlq, self._dlq = self._dlq, []
         t1 = time.perf_counter()
-        prepared = self._write(rows.with_seq(prepared.seq), prepared, dlq, number)
+        prepared = self._write(rows.with_seq(prepared.seq), prepared, dlq, number, notes)
         self.faults.kill("kill_after_save", number)
         self.source.commit(self.next_offsets)
         self._since_checkpoint = 0
@@ -348,13 +378,52 @@ class Worker:
         c.stage_s["state_save"] = c.stage_s.get("state_save", 0.0) + t2 - t1
         c.stage_s["delivery"] = c.stage_s.get("delivery", 0.0) + time.perf_counter() - t2
 
-    def _write(self, rows: Rows, prepared: Prepared, dlq: list[Any], number: int) -> Prepared:
+    def _check_health(self) -> None:
+        """Consumer lag and dead-letter spikes (streams/health.py), into this checkpoint."""
+        c = self.counters
+        rejected = sum(c.rejects_total.values())
+        messages = c.events_total + rejected
+        seen_rejected, seen_messages = self._health_seen
+        self._health_seen = (rejected, messages)
+        lag: dict[int, int] = getattr(self.source, "lag", dict)()
+        ts = max(self.pipeline.watermark.max_ts.values(), default=int(time.time() * 1000))
+        for rec in self.health.check(lag, rejected - seen_rejected, messages - seen_messages, ts):
+            self._count_alert(rec)
+            self.buffers.alerts[rec["alert_id"]] = rec
+
+    def _lifecycle(self) -> list[Notification]:
+        """Pass this checkpoint's alerts through the lifecycle (severity, silences, allow-list,
+        incidents) on its clock; returns the group notifications due."""
+        lc = self.lifecycle
+        out = lc.observe(list(self.buffers.alerts.values()), self._tick())
+        self.buffers.alerts = {r["alert_id"]: r for r in out}
+        notes = lc.due(self._clock_ms)
+        for rec in lc.take_released():
+            self.buffers.alerts[rec["alert_id"]] = rec
+        incidents = lc.take_incidents()
+        if incidents:
+            self.buffers.add("incidents", analyst.incidents_table(incidents))
+        return notes
+
+    def _tick(self, at_least: int = INT64_MIN) -> int:
+        """The lifecycle clock (DESIGN.md section 6): the watermark for a file, which replays;
+        the wall clock for a live (Kafka) source. It never moves back."""
+        if getattr(self.source, "rebalances", False):
+            now = int(time.time() * 1000)
+        else:
+            now = self.pipeline.watermark.value
+        self._clock_ms = max(self._clock_ms, now, at_least)
+        return self._clock_ms
+
+    def _write(
+        self, rows: Rows, prepared: Prepared, dlq: list[Any], number: int, notes: list[Any]
+    ) -> Prepared:
         while True:
             try:
                 rows.write(self.store)
                 if self.outbox is not None:
                     # staged under this checkpoint's seq; deleted at start if it never ends
-                    self.outbox.stage(rows.alerts, prepared.seq)
+                    self.outbox.stage(rows.alerts, prepared.seq, notes)
                 for rejects, partition, offset in dlq:
                     self.source.send_dlq(rejects, partition, offset)  # type: ignore[attr-defined]
                 dlq = []

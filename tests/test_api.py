@@ -138,7 +138,7 @@ def test_api_rejects_unknown_queries_and_parameters_naming_what_exists(served: S
     status, body = http(f"{served.api.url}/v1/query/DROP%20TABLE%20alerts", token)
     assert status == 400
     assert orjson.loads(body)["error"].startswith(
-        "unknown query 'DROP TABLE alerts'; known: alerts, counts, findings"
+        "unknown query 'DROP TABLE alerts'; known: alerts, allow_list, counts, findings, incidents"
     )
     status, body = http(f"{served.api.url}/v1/query/alerts?sql=1", token)
     assert status == 400
@@ -183,7 +183,7 @@ def test_api_command_is_applied_at_the_next_checkpoint(served: Served) -> None:
         time.sleep(0.05)
     assert served.client.command_state(submitted["id"])["state"] == "applied"
     for body, message in (
-        ({"command": "rm -rf"}, "known: checkpoint_now"),
+        ({"command": "rm -rf"}, "known: allow_add, allow_expire, checkpoint_now, incident_change"),
         ({"command": "checkpoint_now", "args": {"x": 1}}, "takes args"),
         ({"args": {}}, "expected"),
     ):

@@ -65,6 +65,7 @@ def test_a_full_file_reaches_worker_detectors_and_inventory(tmp_path: Path) -> N
     settings = cfg.worker_settings()
     assert (settings.batch_max, settings.checkpoint_s, settings.lateness_s) == (2000, 2.5, 30)
     assert settings.score_types == {"fraud": "logit"}
+    assert settings.criticality == {"fraud": "critical"}
     assert cfg.store_dsn == "chdb:/tmp/elsewhere"
     assert cfg.webhook == {"url": "https://soc.example.bank/hooks/inferwatch"}
     assert cfg.models["fraud"]["criticality"] == "critical"
@@ -110,6 +111,17 @@ def test_flags_beat_environment_beats_file(tmp_path: Path) -> None:
         ('[detectors."abuse.rate_spike"]\nk_sigma = "high"', "k_sigma: expected a number"),
         ('[detectors."abuse.rate_spike"]\nmin_count = 2.5', "min_count: expected an integer"),
         ('[detectors."abuse.rate_spike"]\nratio = 0.5', "abuse.rate_spike: "),
+        ('[lifecycle]\ngroup_by = ["colour"]', "lifecycle.group_by.0: 'colour' is not one"),
+        ("[lifecycle]\ngroup_wait_s = -1", "lifecycle.group_wait_s: -1 is less than"),
+        ('[[silences]]\nmatchers = ["detector=x"]', "silences.0: 'ends' is a required"),
+        ('[[silences]]\nmatchers = []\nends = "2030-01-01T00:00:00Z"', "should be non-empty"),
+        (
+            '[[silences]]\nmatchers = ["colour=red"]\nends = "2030-01-01T00:00:00Z"',
+            "unknown label 'colour'",
+        ),
+        ('[[silences]]\nmatchers = ["detector=x"]\nends = "tomorrow"', "not an RFC 3339 time"),
+        ('[[silences]]\nmatchers = ["detector=x"]\nends = "2030-01-01T00:00:00"', "no time zone"),
+        ('[routes.webhook]\nurl = "http://x"\nnotify = "pager"', "'pager' is not one of"),
     ],
 )
 def test_every_way_the_file_can_be_wrong_is_named(tmp_path: Path, text: str, expected: str) -> None:
