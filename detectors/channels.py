@@ -88,6 +88,7 @@ class Channels:
         """(rows, channels): each channel's value, the label channel's its bin; NaN for none.
         ``score_labels`` name the columns of ``scores``."""
         out = np.full((output_value.shape[0], len(self.names)), np.nan)
+        pos = {c: i for i, c in enumerate(score_labels)}
         for j, (name, column) in enumerate(zip(self.names, self.columns, strict=True)):
             if name == LABEL_CHANNEL:
                 bins = (
@@ -98,8 +99,8 @@ class Channels:
                 out[:, j] = np.where(bins >= 0, bins, np.nan)
             elif column == "":
                 out[:, j] = output_value
-            elif column in score_labels:
-                out[:, j] = scores[:, score_labels.index(column)]
+            elif column in pos:
+                out[:, j] = scores[:, pos[column]]
         return out
 
     def _argmax_bins(self, score_labels: tuple[str, ...], scores: F64) -> I64:

@@ -77,8 +77,8 @@ def values_of(
     )
     out[:, n_feat : n_feat + channels.shape[1]] = channels
     if layout.names and layout.names[-1] == CONFIDENCE:
-        labels = view.score_labels
-        cols = [labels.index(c) for c in ref.score_labels if c in labels]
+        pos = {c: i for i, c in enumerate(view.score_labels)}
+        cols = [pos[c] for c in ref.score_labels if c in pos]
         conf = confidence(ref.score_type, view.scores[at][:, cols])
         if conf is not None:
             out[:, -1] = conf

@@ -309,7 +309,8 @@ def batch_queries(
             out.q[rows] = sk.project(z)
             out.h[rows] = exact_hash(x)
             out.off[rows] = sk.off_distance(z) > sk.off_threshold
-            cols = [view.score_labels.index(s) for s in sk.score_labels]
+            at = {s: i for i, s in enumerate(view.score_labels)}  # a lookup per label: quadratic
+            cols = [at[s] for s in sk.score_labels]
             scores = view.scores[sel][:, cols]
             with np.errstate(invalid="ignore"):
                 out.low[rows] = margins(scores, sk.score_type) < sk.margin_low

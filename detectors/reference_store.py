@@ -214,9 +214,9 @@ class ReferenceStore:
             positive_label=positive,
             feature_names=b.feature_names[:width],
             categorical=b.categorical[:width],
-            sample_features=features[sample].astype(np.float32),
-            sample_scores=scores[sample].astype(np.float32),
-            sample_channels=channel_values[sample].astype(np.float32),
+            sample_features=_f32(features[sample]),
+            sample_scores=_f32(scores[sample]),
+            sample_channels=_f32(channel_values[sample]),
             channels=layout.names,
             channel_columns=layout.columns,
             channel_categories=layout.categories,
@@ -294,3 +294,12 @@ class ReferenceStore:
             for name in ("features", "scores", "labels", "values", "ts_ms"):
                 setattr(b, name, arrays[f"{i}.{name}"])
             self._builders[(state["key"][0], state["key"][1])] = b
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _f32(values: F64) -> npt.NDArray[np.float32]:
+    """Samples as float32, values past its range held at its largest (a valid 1e308 must not
+    become infinity and break the bins built from the sample); NaN stays NaN."""
+    return np.clip(values, -_F32_MAX, _F32_MAX).astype(np.float32)
