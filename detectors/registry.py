@@ -51,11 +51,17 @@ def create(name: str, **params: Any) -> Detector:
 
 
 def create_all(config: dict[str, dict[str, Any]] | None = None) -> list[Detector]:
-    """Every registered detector, with per-detector parameter overrides from ``config``."""
+    """Every registered detector, with per-detector parameter overrides from ``config``; one
+    whose parameters say ``enabled: False`` is left out."""
     config = config or {}
     unknown = set(config) - set(names())
     if unknown:
         raise KeyError(
             f"config names unknown detectors {sorted(unknown)}; registered: {', '.join(names())}"
         )
-    return [create(n, **config.get(n, {})) for n in names()]
+    out = []
+    for n in names():
+        params = dict(config.get(n, {}))
+        if params.pop("enabled", True):
+            out.append(create(n, **params))
+    return out

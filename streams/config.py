@@ -261,6 +261,7 @@ def check_detectors(params: Mapping[str, Mapping[str, Any]], where: str) -> None
             for p in inspect.signature(type(create(name)).__init__).parameters.values()
             if p.name != "self"
         }
+        defaults["enabled"] = True  # any detector can be switched off
         for key, value in given.items():
             at = f"{where}: detectors.{name}.{key}"
             if key not in defaults:
@@ -272,7 +273,7 @@ def check_detectors(params: Mapping[str, Mapping[str, Any]], where: str) -> None
             if expected:
                 raise ConfigError(f"{at}: expected {expected}, got {value!r}")
         try:
-            create(name, **given)
+            create(name, **{k: v for k, v in given.items() if k != "enabled"})
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{where}: detectors.{name}: {exc}") from None
 

@@ -33,6 +33,9 @@ url = "https://soc.example.bank/hooks/inferwatch"
 k_sigma = 8
 min_count = 20
 
+[detectors."extraction.query_pattern"]
+enabled = false
+
 [models.fraud]
 owner = "fraud-ml@bank"
 criticality = "critical"
@@ -71,6 +74,7 @@ def test_a_full_file_reaches_worker_detectors_and_inventory(tmp_path: Path) -> N
     assert cfg.models["fraud"]["criticality"] == "critical"
     rate = next(d for d in create_all(cfg.detectors) if d.name == "abuse.rate_spike")
     assert (rate.k_sigma, rate.min_count) == (8, 20)  # type: ignore[attr-defined]
+    assert "extraction.query_pattern" not in {d.name for d in create_all(cfg.detectors)}
 
 
 def test_flags_beat_environment_beats_file(tmp_path: Path) -> None:
@@ -111,6 +115,7 @@ def test_flags_beat_environment_beats_file(tmp_path: Path) -> None:
         ('[detectors."abuse.rate_spike"]\nk_sigma = "high"', "k_sigma: expected a number"),
         ('[detectors."abuse.rate_spike"]\nmin_count = 2.5', "min_count: expected an integer"),
         ('[detectors."abuse.rate_spike"]\nratio = 0.5', "abuse.rate_spike: "),
+        ('[detectors."abuse.rate_spike"]\nenabled = "no"', "enabled: expected true or false"),
         ('[lifecycle]\ngroup_by = ["colour"]', "lifecycle.group_by.0: 'colour' is not one"),
         ("[lifecycle]\ngroup_wait_s = -1", "lifecycle.group_wait_s: -1 is less than"),
         ('[[silences]]\nmatchers = ["detector=x"]', "silences.0: 'ends' is a required"),
