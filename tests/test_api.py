@@ -254,3 +254,22 @@ def test_cli_fails_clearly_when_the_owner_has_no_reachable_api(tmp_path: Path) -
         assert out.returncode == 2 and "API is not reachable" in out.stderr
     finally:
         lock.release()
+
+
+def test_analyst_commands_go_through_the_owning_worker_and_reach_its_lifecycle(
+    served: Served,
+) -> None:
+    store = f"chdb:{served.store.directory}"
+    env_cli = ["silence", "add", "-m", "detector=abuse.rate_spike", "--for", "1h", "--store", store]
+    added = run_cli(*env_cli)
+    assert added.returncode == 0, added.stderr
+    silence_id = added.stdout.split()[1]
+    assert [s.silence_id for s in served.worker.lifecycle.silences] == [silence_id]
+    listed = run_cli("silence", "list", "--store", store, "--format", "jsonl")
+    assert orjson.loads(listed.stdout)["silence_id"] == silence_id  # read through the API
+    allowed = run_cli("allow", "add", "--entity-type", "api_key", "--entity", "k", "--store", store)
+    assert allowed.returncode == 0 and len(served.worker.lifecycle.allow) == 1, allowed.stderr
+    bad = run_cli("silence", "add", "-m", "colour=red", "--store", store)
+    assert bad.returncode == 2 and "unknown label 'colour'" in bad.stderr
+    missing = run_cli("incidents", "show", "nope", "--store", store)
+    assert missing.returncode == 2 and "no incident 'nope'" in missing.stderr
