@@ -64,8 +64,9 @@ class BinLayout:
 
     def codes(self, x: npt.NDArray[np.floating]) -> U8:
         """Bin of every value of ``x`` (rows, columns): (rows, columns) uint8, ``bins`` = NaN."""
-        x32 = np.asarray(x, np.float32)
-        cell = (x32 - self.lo) * self.inv
+        with np.errstate(over="ignore"):  # beyond float32: infinity, the edge bin after clip
+            x32 = np.asarray(x, np.float32)
+            cell = (x32 - self.lo) * self.inv
         np.clip(cell, 0, GRID - 1, out=cell)
         nan = np.isnan(cell)
         if nan.any():

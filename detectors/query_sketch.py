@@ -170,7 +170,7 @@ def margins(scores: F64, score_type: str) -> F64:
         return out1
     s = np.where(np.isnan(scores), -np.inf, scores)
     top = -np.sort(-s, axis=1)[:, :2]
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):  # +-1e308 apart: an infinite margin
         out: F64 = np.where(np.isfinite(top[:, 1]), top[:, 0] - top[:, 1], np.nan)
     return out
 
