@@ -122,6 +122,7 @@ def _print_next(console: Console, r: DemoResult) -> None:
     console.print(
         f"\n[bold]Next[/]\n  inferwatch alerts --since {hours}h{store_opt}\n"
         f"  inferwatch findings --detector abuse.rate_spike{store_opt}\n"
+        f"  inferwatch incidents list{store_opt}\n"
         "  # the same traffic from the file instead of Kafka, into a second store:\n"
         f"  inferwatch run --source file:{_show(r.events_path)} --store chdb:./inferwatch-replay",
         highlight=False,

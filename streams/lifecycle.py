@@ -261,6 +261,7 @@ class Lifecycle:
             group.changed = True
         group.alerts[rec["alert_id"]] = rec
         self.member[rec["alert_id"]] = key
+        self._incident(group, [rec], now_ms)  # stored at once, before any notification
         return rec
 
     def _release(self, now_ms: int) -> list[dict[str, Any]]:
