@@ -45,6 +45,9 @@ class ModelView:
     scores: F64  # (len(rows), len(score_labels)), NaN where absent
 
 
+MAX_COLUMNS = 2_048  # feature names, and score labels, per model
+
+
 class FeatureIndex:
     """Stable, append-only per-model indices of feature names, category values and labels."""
 
@@ -64,6 +67,15 @@ class FeatureIndex:
                 self.changed = True
             out[i] = index[name]
         return out
+
+    def admit(
+        self, table: dict[str, dict[str, int]], model: str, names: tuple[str, ...]
+    ) -> npt.NDArray[np.bool_]:
+        """Which of ``names`` have, or fit in, the model's first ``MAX_COLUMNS`` (bool array)."""
+        index = table.get(model, {})
+        room = MAX_COLUMNS - len(index)
+        new = np.array([n not in index for n in names], dtype=bool)
+        return ~new | (np.cumsum(new) <= room)
 
     def snapshot(self) -> bytes:
         self.changed = False
@@ -110,10 +122,21 @@ def route(batch: EventBatch, index: FeatureIndex) -> dict[str, ModelView]:
         num_present = _present(~np.isnan(num), len(batch.num_names))
         cat = batch.cat_codes[rows]
         cat_present = _present(cat >= 0, len(batch.cat_names))
-        num_names = tuple(n for n, p in zip(batch.num_names, num_present, strict=True) if p)
-        cat_names = tuple(n for n, p in zip(batch.cat_names, cat_present, strict=True) if p)
+        num_src = np.flatnonzero(num_present)
+        cat_src = np.flatnonzero(cat_present)
         vec_len = int(batch.vector_len[rows].max()) if rows.size else 0
+        vec_src = np.arange(vec_len)
+        num_names = tuple(batch.num_names[i] for i in num_src.tolist())
+        cat_names = tuple(batch.cat_names[i] for i in cat_src.tolist())
         vec_names = tuple(f"v{i}" for i in range(vec_len))
+        # at most MAX_COLUMNS names per model: one message with 30,000 made-up feature names
+        # must not widen every later batch of that model (the names stay in the events table)
+        keep = index.admit(index.features, model, num_names + vec_names + cat_names)
+        k_num, k_vec, k_cat = np.split(keep, [len(num_names), len(num_names) + vec_len])
+        num_src, vec_src, cat_src = num_src[k_num], vec_src[k_vec], cat_src[k_cat]
+        num_names = tuple(n for n, k in zip(num_names, k_num, strict=True) if k)
+        vec_names = tuple(n for n, k in zip(vec_names, k_vec, strict=True) if k)
+        cat_names = tuple(n for n, k in zip(cat_names, k_cat, strict=True) if k)
         kinds = index.categorical.setdefault(model, {})
         for n in num_names + vec_names:
             kinds.setdefault(n, False)
@@ -125,13 +148,12 @@ def route(batch: EventBatch, index: FeatureIndex) -> dict[str, ModelView]:
         names = tuple(index.features[model])
         features = np.full((rows.size, len(names)), np.nan)
         if num_names:
-            features[:, cols_num] = num[:, num_present]
+            features[:, cols_num] = num[:, num_src]
         if vec_names:
-            features[:, cols_vec] = batch.vector[rows][:, :vec_len]
+            features[:, cols_vec] = batch.vector[rows][:, vec_src]
         # the batch columns of cat_names, found once: a lookup per name made a message with
         # 20,000 string features take minutes to route
-        sources = np.flatnonzero(cat_present).tolist()
-        for name, col, src in zip(cat_names, cols_cat, sources, strict=True):
+        for name, col, src in zip(cat_names, cols_cat, cat_src.tolist(), strict=True):
             values = batch.cat_values[src]
             codes = index._names(index.categories.setdefault(model, {}), name, values).astype(
                 np.float64
@@ -139,8 +161,10 @@ def route(batch: EventBatch, index: FeatureIndex) -> dict[str, ModelView]:
             raw = cat[:, src]
             features[:, col] = np.where(raw >= 0, codes[np.maximum(raw, 0)], np.nan)
         sc = batch.scores[rows]
-        present = _present(~np.isnan(sc), len(batch.score_labels))
-        labels = tuple(n for n, p in zip(batch.score_labels, present, strict=True) if p)
+        present = np.flatnonzero(_present(~np.isnan(sc), len(batch.score_labels)))
+        labels = tuple(batch.score_labels[i] for i in present.tolist())
+        kept = index.admit(index.labels, model, labels)
+        present, labels = present[kept], tuple(n for n, k in zip(labels, kept, strict=True) if k)
         cols_lab = index._names(index.labels, model, labels)
         all_labels = tuple(index.labels[model])
         scores = np.full((rows.size, len(all_labels)), np.nan)

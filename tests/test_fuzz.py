@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from detectors.registry import create_all, names
-from detectors.routing import FeatureIndex, route
+from detectors.routing import MAX_COLUMNS, FeatureIndex, route
 from schemas.batch import REJECT_REASONS, Limits
 from schemas.decode import decode
 from schemas.event_schema import load_schema
@@ -378,8 +378,14 @@ def test_fuzz_many_string_feature_names_route_in_linear_time() -> None:
     ev = {"schema_version": 1, "event_id": "e", "ts": TS_MIN_MS, "model_id": "m", "api_key_id": "k"}
     many = {f"c{i}": "x" for i in range(40_000)}
     raw = json.dumps({**ev, "input": {"features": many}}).encode()
-    other = json.dumps({**ev, "event_id": "e2", "input": {"features": {"c7": "y"}}}).encode()
-    view = route(decode([raw, other]).batch, FeatureIndex())["m"]
-    at = view.feature_names.index("c7")
+    other = json.dumps({**ev, "event_id": "e2", "input": {"features": {"c0": "y"}}}).encode()
+    index = FeatureIndex()
+    view = route(decode([raw, other]).batch, index)["m"]
+    at = view.feature_names.index("c0")
     assert view.categorical[at] and view.features[:, at].tolist() == [0.0, 1.0]
-    assert view.features[:, view.feature_names.index("c39999")].tolist()[0] == 0.0
+    # one message cannot widen the model for good: at most MAX_COLUMNS names per model, and a
+    # later batch routes on the same columns
+    assert len(view.feature_names) == MAX_COLUMNS and "c39999" not in view.feature_names
+    again = route(decode([other, raw.replace(b'"e"', b'"e3"')]).batch, index)["m"]
+    assert again.feature_names == view.feature_names
+    assert again.features[:, at].tolist() == [1.0, 0.0]
