@@ -9,7 +9,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
-import orjson
 
 from detectors.base import (
     EMPTY,
@@ -23,9 +22,10 @@ from detectors.base import (
     Snapshot,
     entity_name,
 )
+from detectors.episodes import NONE as NONE
+from detectors.episodes import restore_episodes, restore_keyed, snapshot_extras
 from detectors.query_sketch import DISTS, PROJ_DIM, RING
 
-NONE = int(np.iinfo(np.int64).min)
 BLOCK = 128  # queries per window block; a window is the previous block and the current one
 # windowed signals: near-duplicate, off-manifold, low-margin, exact repeat, then 8 class buckets
 SIGNALS = ("near_dup", "off_manifold", "low_margin", "repeat")
@@ -344,46 +344,10 @@ class Episodes:
         """Changed keyed rows, and the extras (entity, model, samples, evidence) of open
         episodes as per-key blobs, so they move with their key's partition. Nothing is
         model-level: the per-model geometry is derived from the references."""
-        extras: list[tuple[str, str, int, bytes | None]] = []
-        for et, t in self.tables.items():
-            dirty = np.flatnonzero(t.cols.dirty).tolist()
-            changed = [s for s in dirty if s in t.episodes or s in t.saved]
-            if not changed:
-                continue
-            keys = keyspace[et]
-            names = keys.keys_of(np.asarray(changed, np.int64)).tolist()
-            for slot, key in zip(changed, names, strict=True):
-                ep = t.episodes.get(slot)
-                blob = None if ep is None else orjson.dumps(ep.to_json())
-                extras.append((et, str(key), int(keys.partition[slot]), blob))
-                if ep is None:
-                    t.saved.discard(slot)
-                else:
-                    t.saved.add(slot)
+        extras = snapshot_extras(self.tables, keyspace)
         keyed = tuple(t.cols.snapshot(keyspace[et]) for et, t in self.tables.items())
         return Snapshot(keyed=keyed, extras=tuple(extras))
 
     def restore(self, snapshot: Snapshot, keyspace: KeySpace) -> None:
-        for rows in snapshot.keyed:
-            if rows.entity_type not in self.tables:
-                raise ValueError(
-                    f"{self.name} keeps state for {', '.join(self.tables)}, "
-                    f"not {rows.entity_type!r}"
-                )
-            self.tables[rows.entity_type].cols.restore(rows, keyspace[rows.entity_type])
-        for t in self.tables.values():  # episodes the restored rows say are closed
-            for closed in [s for s in t.episodes if t.cols.cols["ep_start"][s] == NONE]:
-                del t.episodes[closed]
-                t.saved.discard(closed)
-        for et, key, _, blob in snapshot.extras:
-            if et not in self.tables:
-                raise ValueError(f"{self.name} keeps no episodes for {et!r}")
-            t = self.tables[et]
-            slot = keyspace[et].slot_of(key)
-            if blob and slot is not None and t.cols.cols["ep_start"][slot] != NONE:
-                t.episodes[slot] = Episode(**orjson.loads(blob))
-                t.saved.add(slot)
-        for et, t in self.tables.items():  # open episodes whose extras were not saved with them
-            for slot in np.flatnonzero(t.cols.cols["ep_start"] != NONE).tolist():
-                if slot not in t.episodes:
-                    t.episodes[slot] = self._placeholder(et, keyspace, slot)
+        restore_keyed(self.name, self.tables, snapshot, keyspace)
+        restore_episodes(self.name, self.tables, snapshot, keyspace, Episode, self._placeholder)

@@ -21,6 +21,7 @@ from detectors.base import (
     Snapshot,
     segment_starts,
 )
+from detectors.episodes import restore_episodes, restore_keyed, snapshot_extras
 from detectors.population import NONE, WEIGHT_ONE, population_highs, population_weights
 from detectors.rate_state import Episode, RateEpisodes, Runs, Table, rate_findings
 from detectors.registry import register
@@ -361,22 +362,7 @@ class RateSpike(RateEpisodes, DetectorBase):
 
     def snapshot(self, keyspace: KeySpace) -> Snapshot:
         # an open episode's extras go with its key (and partition), so they move with it
-        extras: list[tuple[str, str, int, bytes | None]] = []
-        for et, t in self.tables.items():
-            dirty = np.flatnonzero(t.cols.dirty).tolist()
-            changed = [s for s in dirty if s in t.episodes or s in t.saved]
-            if not changed:
-                continue
-            keys = keyspace[et]
-            names = keys.keys_of(np.asarray(changed, np.int64)).tolist()
-            for slot, key in zip(changed, names, strict=True):
-                ep = t.episodes.get(slot)
-                blob = None if ep is None else orjson.dumps(ep.to_json())
-                extras.append((et, str(key), int(keys.partition[slot]), blob))
-                if ep is None:
-                    t.saved.discard(slot)
-                else:
-                    t.saved.add(slot)
+        extras = snapshot_extras(self.tables, keyspace)
         keyed = tuple(t.cols.snapshot(keyspace[et]) for et, t in self.tables.items())
         model = None
         if self._model_dirty:
@@ -386,28 +372,9 @@ class RateSpike(RateEpisodes, DetectorBase):
         return Snapshot(keyed=keyed, model=model, extras=tuple(extras))
 
     def restore(self, snapshot: Snapshot, keyspace: KeySpace) -> None:
-        for rows in snapshot.keyed:
-            if rows.entity_type not in self.tables:
-                raise ValueError(
-                    f"abuse.rate_spike keeps state for {', '.join(self.tables)}, "
-                    f"not {rows.entity_type!r}"
-                )
-            self.tables[rows.entity_type].cols.restore(rows, keyspace[rows.entity_type])
+        restore_keyed(self.name, self.tables, snapshot, keyspace)
         if snapshot.model is not None:
             state = orjson.loads(snapshot.model)["types"]
             for et, t in self.tables.items():
                 t.population.from_json(state[et])
-        for t in self.tables.values():  # episodes the restored rows say are closed
-            for closed in [s for s in t.episodes if t.cols.cols["ep_start"][s] == NONE]:
-                del t.episodes[closed]
-                t.saved.discard(closed)
-        for et, key, _, blob in snapshot.extras:
-            t = self.tables[et]
-            slot = keyspace[et].slot_of(key)
-            if blob and slot is not None and t.cols.cols["ep_start"][slot] != NONE:
-                t.episodes[slot] = Episode(**orjson.loads(blob))
-                t.saved.add(slot)
-        for et, t in self.tables.items():  # open episodes whose extras were not saved with them
-            for slot in np.flatnonzero(t.cols.cols["ep_start"] != NONE).tolist():
-                if slot not in t.episodes:
-                    t.episodes[slot] = self._placeholder(et, keyspace, slot)
+        restore_episodes(self.name, self.tables, snapshot, keyspace, Episode, self._placeholder)
