@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from streams.cli import Format, StoreOpt, _emit, _open_store, _query, _worker_api, fail
+from streams.queries import duration_s, iso_ms
 
 silence_app = typer.Typer(
     help="Silences: matching alerts are recorded as silenced and not notified.",
@@ -31,7 +32,6 @@ incidents_app = typer.Typer(
 ForOpt = Annotated[str, typer.Option("--for", help="How long: 30m, 2h, 7d.")]
 UntilOpt = Annotated[str | None, typer.Option(help="Until this RFC 3339 time (instead of --for).")]
 WaitOpt = Annotated[float, typer.Option(help="Seconds to wait for a running worker to apply it.")]
-UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def _end_ms(for_: str, until: str | None) -> int:
@@ -42,8 +42,9 @@ def _end_ms(for_: str, until: str | None) -> int:
             return _time_ms(until)
         except ValueError as exc:
             fail(f"--until {exc}")
-    if for_[-1:] in UNITS and for_[:-1].isdigit() and int(for_[:-1]) > 0:
-        return int(time.time() * 1000) + int(for_[:-1]) * UNITS[for_[-1]] * 1000
+    seconds = duration_s(for_)
+    if seconds:
+        return int(time.time() * 1000) + seconds * 1000
     fail(f"--for {for_!r}: expected a duration like 30m, 2h, 7d")
 
 
@@ -104,7 +105,7 @@ def silence_add(
     except ValueError as exc:
         fail(str(exc))
     _apply(store, "silence_add", args, wait, lambda st: analyst.add_silence(st, silence))
-    typer.echo(f"silence {silence.silence_id} until {_iso(silence.ends_ms)} by {silence.author}")
+    typer.echo(f"silence {silence.silence_id} until {iso_ms(silence.ends_ms)} by {silence.author}")
 
 
 @silence_app.command("list")
@@ -161,7 +162,7 @@ def allow_add(
     except ValueError as exc:
         fail(str(exc))
     _apply(store, "allow_add", args, wait, lambda st: analyst.add_allow(st, entry))
-    typer.echo(f"allow {entry.allow_id}: {entity_type} {entity} until {_iso(entry.ends_ms)}")
+    typer.echo(f"allow {entry.allow_id}: {entity_type} {entity} until {iso_ms(entry.ends_ms)}")
 
 
 @allow_app.command("list")
@@ -285,10 +286,6 @@ def incidents_close(
         fail(str(exc))
     _change(incident_id, change, store, wait)
     typer.echo(f"incident {incident_id} closed: {verdict}")
-
-
-def _iso(ms: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
 
 
 def _text(value: Any) -> str:

@@ -26,6 +26,16 @@ FINDING_COLUMNS = (
 JSON_TEXT_FIELDS = ("linked_entities", "evidence")
 
 
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def duration_s(text: str) -> int | None:
+    """Seconds of ``30m``, ``2h``, ``7d`` (or ``45s``); None if ``text`` is not one."""
+    if text[-1:] in DURATION_UNITS and text[:-1].isdigit():
+        return int(text[:-1]) * DURATION_UNITS[text[-1]]
+    return None
+
+
 def parse_since(text: str | None, now: dt.datetime | None = None) -> dt.datetime | None:
     """``30m``, ``2h``, ``7d``, or an RFC 3339 time; None means no bound.
 
@@ -39,9 +49,9 @@ def parse_since(text: str | None, now: dt.datetime | None = None) -> dt.datetime
     if not text:
         return None
     now = now or dt.datetime.now(dt.UTC)
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    if text[-1:] in units and text[:-1].isdigit():
-        return now - dt.timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    seconds = duration_s(text)
+    if seconds is not None:
+        return now - dt.timedelta(seconds=seconds)
     try:
         when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -143,7 +153,7 @@ def silences(store: Store, scope: str = "active") -> list[dict[str, Any]]:
 
     return [
         {"silence_id": s.silence_id, "matchers": " ".join(map(str, s.matchers)),
-         "starts": _iso(s.starts_ms), "ends": _iso(s.ends_ms), "author": s.author,
+         "starts": iso_ms(s.starts_ms), "ends": iso_ms(s.ends_ms), "author": s.author,
          "comment": s.comment}
         for s in analyst.silences(store, include_expired=_all(scope))
     ]  # fmt: skip
@@ -155,7 +165,7 @@ def allow_list(store: Store, scope: str = "active") -> list[dict[str, Any]]:
 
     return [
         {"allow_id": a.allow_id, "entity_type": a.entity_type, "entity": a.entity,
-         "model_id": a.model_id or "*", "ends": _iso(a.ends_ms), "author": a.author,
+         "model_id": a.model_id or "*", "ends": iso_ms(a.ends_ms), "author": a.author,
          "reason": a.reason}
         for a in analyst.allow_entries(store, include_expired=_all(scope))
     ]  # fmt: skip
@@ -167,7 +177,7 @@ def _all(scope: str) -> bool:
     return scope == "all"
 
 
-def _iso(ms: int) -> str:
+def iso_ms(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
