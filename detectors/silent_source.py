@@ -103,12 +103,8 @@ class SilentSource(DetectorBase):
         ts = ev.ts_ms.astype(np.int64)
         # the event clock after each event, in arrival order: a running maximum
         clock = np.maximum.accumulate(np.maximum(ts, self._clock_top)) - int(self.lateness_s * 1000)
-        names = _sources(ev.model_id, ev.attributes)
+        rows_of = _sources(batch)
         alerts: list[AlertChange] = []
-        uniq, inv = np.unique(names.astype(str), return_inverse=True)
-        order = np.argsort(inv, kind="stable")
-        cut = np.searchsorted(inv[order], np.arange(uniq.size + 1))
-        rows_of = {str(u): order[cut[i] : cut[i + 1]] for i, u in enumerate(uniq.tolist())}
         new = sorted(set(rows_of) - set(self._sources))
         room = max(0, self.max_sources - len(self._sources))
         none = np.zeros(0, np.int64)
@@ -224,12 +220,28 @@ class SilentSource(DetectorBase):
         self._changed = False
 
 
-def _sources(model_id: Any, attributes: Any) -> Any:
-    """Per event: ``model:<id>``, or ``gateway:<name>`` when ``attributes.gateway`` is set."""
-    names = np.char.add("model:", model_id.astype(str)).astype(object)
-    has = np.flatnonzero(np.char.find(attributes.astype(str), '"gateway"') >= 0)
+def _sources(batch: DetectorInput) -> dict[str, I64]:
+    """Rows of each source in arrival order: ``model:<id>``, or ``gateway:<name>`` for events
+    whose ``attributes.gateway`` is set. The pipeline's per-model views already split the
+    batch by model; a string sort per batch is the fallback without them."""
+    ev = batch.events
+    if batch.views:
+        by_model = {m: v.rows for m, v in batch.views.items()}
+    else:
+        models, inv = np.unique(ev.model_id.astype(str), return_inverse=True)
+        order = np.argsort(inv, kind="stable")
+        cut = np.searchsorted(inv[order], np.arange(models.size + 1))
+        by_model = {str(m): order[cut[i] : cut[i + 1]] for i, m in enumerate(models.tolist())}
+    out = {f"model:{m}": rows for m, rows in by_model.items()}
+    has = np.flatnonzero(np.fromiter(('"gateway"' in a for a in ev.attributes), bool, ev.n))
+    gateways: dict[str, list[int]] = {}
     for i in has.tolist():
-        gw = orjson.loads(attributes[i]).get("gateway")
+        gw = orjson.loads(ev.attributes[i]).get("gateway")
         if isinstance(gw, str) and gw:
-            names[i] = f"gateway:{gw}"
-    return names
+            gateways.setdefault(f"gateway:{gw}", []).append(i)
+    if gateways:
+        elsewhere = np.ones(ev.n, bool)
+        elsewhere[[i for rows in gateways.values() for i in rows]] = False
+        out = {k: rows[elsewhere[rows]] for k, rows in out.items()}
+        out.update({k: np.asarray(v, np.int64) for k, v in gateways.items()})
+    return {k: rows for k, rows in out.items() if rows.size}

@@ -126,3 +126,20 @@ def test_evidence_names_the_last_event_and_the_usual_gap() -> None:
     assert ev["last_event_ms"] < 30 * H and ev["events_seen"] > 50
     assert 0 < ev["usual_gap_high_ms"] < 60_000
     assert alert.entity_type == "model" and alert.title == "Model steady went silent"
+
+
+def test_sources_from_the_pipelines_model_views_equal_the_fallback() -> None:
+    from types import SimpleNamespace
+
+    from detectors.silent_source import _sources
+
+    b = stream(6, hours=2)
+    fallback = _sources(DetectorInput(b, {}, KeySpace(), 0))
+    models = sorted(set(b.model_id.tolist()))
+    views = {m: SimpleNamespace(rows=np.flatnonzero(b.model_id == m)) for m in models}
+    viewed = _sources(DetectorInput(b, {}, KeySpace(), 0, views))  # type: ignore[arg-type]
+    assert fallback.keys() == viewed.keys() == {
+        "model:steady", "model:sparse", "model:batchjob", "gateway:gw-eu"
+    }  # fmt: skip
+    for k in fallback:
+        assert fallback[k].tolist() == viewed[k].tolist()
