@@ -104,80 +104,20 @@ from detectors.base import (
     Output,
     json_evidence,
 )
-from detectors.extraction_state import (
-    BLOCK,
-    NONE,
-    Episodes,
-    Table,
-    entropy_bits,
-    group_index,
-    segmented_cummax,
-    segments,
-    window_counts,
-)
+from detectors.extraction_state import BLOCK, Episodes, Table
+from detectors.kernels import CallerParams, caller_pass
 from detectors.query_sketch import (
-    DISTS,
-    PROJ_DIM,
-    RING,
     ModelSketch,
     Queries,
     batch_queries,
     binomial_thresholds,
     build_sketch,
-    shapiro_z,
 )
 from detectors.reference import Reference
 from detectors.registry import register
 
-_BIG = np.iinfo(np.int32).max
 ADDRESS_FACTOR = 2
 EXPLAIN_MS = 86_400_000  # an address does not count a flagged key's queries for a day
-
-
-def _nearest(
-    cols: dict[str, npt.NDArray[Any]],
-    s: I64,
-    seq0: I64,
-    seq: I64,
-    seg0: I64,
-    seg_id: I64,
-    starts: I64,
-    q: npt.NDArray[np.int8],
-    h: npt.NDArray[np.uint32],
-) -> tuple[F64, npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
-    """Each query (rows sorted by key) against its key's previous ``RING`` queries: the
-    distance to the nearest that is not an exact repeat, whether one is an exact repeat, and
-    whether any non-repeat exists. The stored ring holds queries ``seq0 - RING .. seq0 - 1``
-    (query ``t`` at ``t % RING``); later ones are the key's earlier rows of this batch.
-
-    One gather per row from a pool of the batch's keys' rings and the batch's queries: an
-    8-byte projection is read as one int64, so exact repeats are integer compares, and squared
-    distances are ``|a|^2 + |b|^2 - 2 a.b`` in float32, exact for int8 coordinates."""
-    m, nseg = s.size, starts.size
-    pool_q = np.concatenate(
-        [cols["ring_q"][s[starts]].reshape(nseg * RING, PROJ_DIM), np.ascontiguousarray(q)]
-    )
-    pool_h = np.concatenate([cols["ring_h"][s[starts]].reshape(-1), h])
-    t = seq[:, None] - RING + np.arange(RING)[None, :]  # predecessors' sequence numbers
-    ok = t >= 0
-    before = seq0[:, None]
-    idx = np.where(
-        t < before, seg_id[:, None] * RING + t % RING, nseg * RING + seg0[:, None] + t - before
-    )
-    idx[~ok] = 0
-    words = pool_q.view(np.int64)[:, 0]
-    got = words[idx]
-    exact = ok & (got == words[nseg * RING :][:, None]) & (pool_h[idx] == h[:, None])
-    other = ok & ~exact
-    pool_f = pool_q.astype(np.float32)
-    norms = np.einsum("ij,ij->i", pool_f, pool_f)
-    qf = pool_f[nseg * RING :]
-    dot = np.einsum(
-        "ijk,ik->ij", got.view(np.int8).reshape(m, RING, PROJ_DIM).astype(np.float32), qf
-    )
-    d2 = norms[idx] + norms[nseg * RING :][:, None] - 2.0 * dot
-    best = np.where(other, d2, np.float32(_BIG)).min(axis=1).astype(np.float64)
-    return np.sqrt(best), exact.any(axis=1), other.any(axis=1)
 
 
 @register("extraction.query_pattern")
@@ -225,6 +165,16 @@ class QueryPattern(Episodes, DetectorBase):
             top, 0.002, alpha, min(1.0, f * near_share), f * near_min
         )
         self.addr_off = binomial_thresholds(top, 0.01, alpha, min(1.0, f * off_share), f * off_min)
+        self.params = {
+            "api_key": CallerParams(
+                self.thr_near, self.thr_off, self.thr_low, streak, coverage_bits, prada_alone,
+                True, EXPLAIN_MS,
+            ),
+            "client_ip": CallerParams(
+                self.addr_near, self.addr_off, self.thr_low, f * streak, coverage_bits,
+                prada_alone, False, EXPLAIN_MS,
+            ),
+        }  # fmt: skip
         self._sketches: dict[tuple[str, str], tuple[Reference, ModelSketch | None]] = {}
         self.reset()
 
@@ -290,106 +240,31 @@ class QueryPattern(Episodes, DetectorBase):
         alerts: list[AlertChange],
     ) -> tuple[I64, F64, list[dict[str, Any]], I64]:
         """Flagged rows with score and evidence, and the rows inside an episode of their key
-        (flagged, or within ``close_after_s`` of the key's last flagged query)."""
-        cols = table.cols.cols
+        (flagged, or within a day of the key's last flagged query)."""
         slots = batch.slots[et][rows]
-        order = np.argsort(slots, kind="stable")
-        r, s = rows[order], slots[order]
-        m = r.size
-        seg0, seg_id, starts = segments(s)
-        seq0 = cols["seq"][s]
-        last_flag0 = cols["last_flag"][s].copy()
-        seq = seq0 + np.arange(m) - seg0
-        dmin, repeat, has_other = _nearest(
-            cols, s, seq0, seq, seg0, seg_id, starts, qs.q[r], qs.h[r]
-        )
-        near = ~repeat & has_other & (dmin <= qs.near[r])
-        record = ~repeat & (seq >= RING)
-        dq = np.minimum(np.rint(2 * dmin), 255).astype(np.uint8)
-        z_cur, n_rec = self._prada(cols, s, seg0, seg_id, starts, record, dq)
-        prada_on = z_cur >= qs.prada[r]
-        streak = self._streak(cols["streak"][s], seg0, near, repeat)
-        # exact repeats say nothing new about the input space: they do not move the window
-        fresh = ~repeat
-        cum = np.cumsum(fresh)
-        dseq_raw = cols["dseq"][s] + cum - np.where(seg0 > 0, cum[np.maximum(seg0 - 1, 0)], 0) - 1
-        dseq = np.maximum(dseq_raw, 0)
-        flags = np.zeros((m, 12), np.int16)
-        flags[:, 0], flags[:, 1], flags[:, 2] = near, qs.off[r] & fresh, qs.low[r] & fresh
-        flags[:, 3] = repeat
-        b = np.where(fresh, qs.bucket[r], -1)
-        flags[np.flatnonzero(b >= 0), 4 + b[b >= 0]] = 1
-        counts, gb, total, prev = window_counts(
-            flags, dseq, seg_id, cols["blk"][s], cols["cur"][s], cols["prev"][s]
-        )
-        n_w = np.where(dseq >= BLOCK, BLOCK, 0) + dseq % BLOCK + 1
-        both = np.stack([near, repeat], axis=1).astype(np.int16)
-        c_all, gb_all, total_all, prev_all = window_counts(
-            both, seq, seg_id, cols["blk_all"][s], cols["cur_all"][s], cols["prev_all"][s]
-        )
-        counts[:, 0], counts[:, 3] = c_all[:, 0], c_all[:, 1]
-        n_all = np.where(seq >= BLOCK, BLOCK, 0) + seq % BLOCK + 1
-        ent = entropy_bits(counts[:, 4:])
-        classified = counts[:, 4:].sum(axis=1)
-        cover = (ent >= qs.h_prior[r] + self.coverage_bits) & (classified >= BLOCK)
-        key = et == "api_key"
-        thr_near = (self.thr_near if key else self.addr_near)[n_all]
-        thr_off = (self.thr_off if key else self.addr_off)[n_w]
-        ratios = np.stack(
-            [
-                counts[:, 0] / thr_near,
-                streak / (self.streak * (1 if key else ADDRESS_FACTOR)),
-                counts[:, 1] / thr_off,
-                np.where(prada_on & self.prada_alone, z_cur / qs.prada[r], 0.0),
-                np.where(cover & (et == "api_key"), counts[:, 2] / self.thr_low[n_w], 0.0),
-            ],
-            axis=1,
-        )
-        hit = ratios >= 1.0
-        hit[:, 3] = prada_on & self.prada_alone
-        flag = hit.any(axis=1)
-        # new state: the last row of each key
-        last = np.append(starts[1:], m) - 1
-        ls = s[last]
-        keep = seq >= seq[last][seg_id] - RING + 1
-        cols["ring_q"][s[keep], seq[keep] % RING] = qs.q[r[keep]]
-        cols["ring_h"][s[keep], seq[keep] % RING] = qs.h[r[keep]]
-        cols["seq"][ls] = seq[last] + 1
-        cols["streak"][ls] = streak[last]
-        cols["prada_z"][ls] = z_cur[last]
-        cols["dseq"][ls] = dseq_raw[last] + 1
-        g_all = group_index(seq, seg_id)[last]
-        cols["blk_all"][ls] = gb_all[g_all]
-        cols["cur_all"][ls] = total_all[g_all]
-        cols["prev_all"][ls] = prev_all[g_all]
-        group_of_last = group_index(dseq, seg_id)[last]
-        cols["blk"][ls] = gb[group_of_last]
-        cols["cur"][ls] = total[group_of_last]
-        cols["prev"][ls] = prev[group_of_last]
-        cols["n_dists"][ls] = n_rec
-        table.cols.mark(ls)
-        ts = batch.events.ts_ms[r]
-        run = np.where(flag, ts, NONE)
-        head = seg0 == np.arange(m)
-        run[head] = np.maximum(run[head], last_flag0[head])
-        last_flag = segmented_cummax(run, seg_id)
-        cols["last_flag"][ls] = last_flag[last]
-        covered = r[(last_flag != NONE) & (ts <= last_flag + EXPLAIN_MS)]
-        idx = np.flatnonzero(flag)
+        got = caller_pass(
+            table.cols.cols, table.cols.dirty, slots, rows, qs, batch.events.ts_ms[rows],
+            self.params[et],
+        )  # fmt: skip
+        covered = rows[got.covered]
+        idx = np.flatnonzero(got.flag)
         if idx.size == 0:
             return np.zeros(0, np.int64), np.zeros(0), [], covered
-        score = ratios[idx].max(axis=1)
+        idx = idx[np.argsort(slots[idx], kind="stable")]  # episodes take each key's rows together
+        score = got.ratios[idx].max(axis=1)
+        p = self.params[et]
         evidence = [
-            self._evidence(i, hit[i], counts[i], int(n_w[i]), int(streak[i]), float(z_cur[i]),
-                           float(ent[i]), qs, int(r[i]), int(seq[i]), int(thr_near[i]),
-                           int(thr_off[i]), int(n_all[i]))
+            self._evidence(got.hit[i], got.counts[i], int(got.n_w[i]), int(got.streak[i]),
+                           float(got.z[i]), float(got.ent[i]), qs, int(rows[i]), int(got.seq[i]),
+                           int(p.thr_near[got.n_all[i]]), int(p.thr_off[got.n_w[i]]),
+                           int(got.n_all[i]))
             for i in idx.tolist()
         ]  # fmt: skip
-        self._episodes(et, table, batch, r[idx], s[idx], score, evidence, alerts)
-        return r[idx], score, evidence, covered
+        self._episodes(et, table, batch, rows[idx], slots[idx], score, evidence, alerts)
+        return rows[idx], score, evidence, covered
 
     def _evidence(
-        self, i: int, hit: npt.NDArray[np.bool_], c: npt.NDArray[np.int32], n_w: int,
+        self, hit: npt.NDArray[np.bool_], c: npt.NDArray[np.int32], n_w: int,
         streak: int, z: float, ent: float, qs: Queries, row: int, seq: int, t_near: int,
         t_off: int, n_all: int,
     ) -> dict[str, Any]:  # fmt: skip
@@ -421,55 +296,3 @@ class QueryPattern(Episodes, DetectorBase):
             "prada_threshold": round(float(qs.prada[row]), 3),
             "queries_seen": seq + 1,
         }
-
-    def _prada(
-        self,
-        cols: dict[str, npt.NDArray[Any]],
-        s: I64,
-        seg0: I64,
-        seg_id: I64,
-        starts: I64,
-        record: npt.NDArray[np.bool_],
-        dq: npt.NDArray[np.uint8],
-    ) -> tuple[npt.NDArray[np.float32], I64]:
-        """Record minimum distances, test every 16th; the latest z per row, records per key."""
-        m = s.size
-        n0 = cols["n_dists"][s]
-        rec_cum = np.cumsum(record)
-        before_seg = np.where(seg0 > 0, rec_cum[np.maximum(seg0 - 1, 0)], 0)
-        rec_no = n0 + rec_cum - before_seg - 1  # this row's record number if recorded
-        test = record & ((rec_no + 1) % 16 == 0) & (rec_no + 1 >= DISTS)
-        rec_idx = np.flatnonzero(record)
-        first_rec = np.searchsorted(seg_id[rec_idx], np.arange(starts.size))
-        ti = np.flatnonzero(test)
-        z_at = np.zeros(m, np.float32)
-        if ti.size:
-            u = rec_no[ti][:, None] - DISTS + 1 + np.arange(DISTS)[None, :]
-            stored = u < n0[ti][:, None]
-            k = np.clip(first_rec[seg_id[ti]][:, None] + u - n0[ti][:, None], 0, rec_idx.size - 1)
-            vals = np.where(stored, cols["dists"][s[ti][:, None], u % DISTS], dq[rec_idx[k]])
-            z_at[ti] = shapiro_z(vals).astype(np.float32)
-        lastz = np.maximum.accumulate(np.where(test, np.arange(m), -1))
-        z_cur = np.where(lastz >= seg0, z_at[np.maximum(lastz, 0)], cols["prada_z"][s])
-        n_end = n0 + rec_cum - before_seg
-        keep = record & (rec_no >= n_end[np.append(starts[1:], m)[seg_id] - 1] - DISTS)
-        cols["dists"][s[keep], rec_no[keep] % DISTS] = dq[keep]
-        last = np.append(starts[1:], m) - 1
-        return z_cur.astype(np.float32), n_end[last]
-
-    @staticmethod
-    def _streak(
-        streak0: npt.NDArray[np.int32], seg0: I64, near: npt.NDArray[np.bool_],
-        repeat: npt.NDArray[np.bool_],
-    ) -> I64:  # fmt: skip
-        """Consecutive near-duplicates per key; an exact repeat neither adds nor resets."""
-        m = near.size
-        cum = np.cumsum(near)
-        reset = ~near & ~repeat
-        last_reset = np.maximum.accumulate(np.where(reset, np.arange(m), -1))
-        before = np.where(seg0 > 0, cum[np.maximum(seg0 - 1, 0)], 0)
-        inside = last_reset >= seg0
-        out: I64 = np.where(
-            inside, cum - cum[np.maximum(last_reset, 0)], streak0 + cum - before
-        ).astype(np.int64)
-        return out

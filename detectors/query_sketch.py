@@ -69,7 +69,10 @@ def shapiro_coefficients(n: int) -> F64:
     return out
 
 
-_SW_A = shapiro_coefficients(DISTS)
+SW_A = shapiro_coefficients(DISTS)
+_LN = float(np.log(DISTS))  # Royston's normalisation of ln(1 - W) for samples of DISTS
+SW_MU = 0.0038915 * _LN**3 - 0.083751 * _LN**2 - 0.31082 * _LN - 1.5861
+SW_SIGMA = float(np.exp(0.0030302 * _LN**2 - 0.082676 * _LN - 0.4803))
 
 
 def shapiro_z(x: npt.NDArray[Any]) -> F64:
@@ -84,14 +87,11 @@ def shapiro_z(x: npt.NDArray[Any]) -> F64:
     s = np.sort(np.asarray(x, np.float64), axis=1)
     centred = s - s.mean(axis=1, keepdims=True)
     ss = (centred * centred).sum(axis=1)
-    num = (s * _SW_A).sum(axis=1) ** 2
+    num = (s * SW_A).sum(axis=1) ** 2
     with np.errstate(divide="ignore", invalid="ignore"):
         w = np.where(ss > 0, num / ss, 0.0)
-    ln = np.log(DISTS)
-    mu = 0.0038915 * ln**3 - 0.083751 * ln**2 - 0.31082 * ln - 1.5861
-    sigma = np.exp(0.0030302 * ln**2 - 0.082676 * ln - 0.4803)
     with np.errstate(divide="ignore"):
-        out: F64 = (np.log(np.maximum(1.0 - np.minimum(w, 1.0), 0.0)) - mu) / sigma
+        out: F64 = (np.log(np.maximum(1.0 - np.minimum(w, 1.0), 0.0)) - SW_MU) / SW_SIGMA
     return np.where(ss > 0, out, np.inf)
 
 
