@@ -104,8 +104,7 @@ from detectors.base import (
     Output,
     json_evidence,
 )
-from detectors.extraction_state import BLOCK, Episodes, Table
-from detectors.kernels import CallerParams, caller_pass
+from detectors.extraction_state import BLOCK, CallerParams, Episodes, Table, caller_rows
 from detectors.query_sketch import (
     ModelSketch,
     Queries,
@@ -242,7 +241,7 @@ class QueryPattern(Episodes, DetectorBase):
         """Flagged rows with score and evidence, and the rows inside an episode of their key
         (flagged, or within a day of the key's last flagged query)."""
         slots = batch.slots[et][rows]
-        got = caller_pass(
+        got = caller_rows(
             table.cols.cols, table.cols.dirty, slots, rows, qs, batch.events.ts_ms[rows],
             self.params[et],
         )  # fmt: skip

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
+from detectors import kernels
 from detectors.base import (
     EMPTY,
     F64,
@@ -24,7 +25,7 @@ from detectors.base import (
 )
 from detectors.episodes import NONE as NONE
 from detectors.episodes import restore_episodes, restore_keyed, snapshot_extras
-from detectors.query_sketch import DISTS, PROJ_DIM, RING
+from detectors.query_sketch import DISTS, PROJ_DIM, RING, SW_A, SW_MU, SW_SIGMA, Queries
 
 BLOCK = 128  # queries per window block; a window is the previous block and the current one
 # windowed signals: near-duplicate, off-manifold, low-margin, exact repeat, then 8 class buckets
@@ -53,6 +54,35 @@ COLUMNS: dict[str, tuple[Any, Any]] = {
     "ep_peak": (np.float32, 0.0),
     "ep_seq0": (np.int64, 0),  # queries seen before the episode opened
 }
+
+
+class CallerParams(NamedTuple):
+    """Thresholds of one entity type, indexed by the window's length."""
+
+    thr_near: npt.NDArray[np.int64]
+    thr_off: npt.NDArray[np.int64]
+    thr_low: npt.NDArray[np.int64]
+    streak: float  # streak length that fires
+    coverage_bits: float
+    prada_alone: bool
+    is_key: bool
+    explain_ms: int
+
+
+class CallerRows(NamedTuple):
+    """Per processed row (batch order)."""
+
+    flag: npt.NDArray[np.bool_]
+    hit: npt.NDArray[np.bool_]  # (m, 5): near, streak, off, prada, boundary
+    ratios: npt.NDArray[np.float64]  # (m, 5)
+    counts: npt.NDArray[np.int32]  # (m, N_SIG) window counts
+    n_w: npt.NDArray[np.int64]  # queries in the non-repeat window
+    n_all: npt.NDArray[np.int64]  # queries in the all-query window
+    streak: npt.NDArray[np.int64]
+    z: npt.NDArray[np.float32]  # latest PRADA z
+    ent: npt.NDArray[np.float64]  # class entropy of the window, bits
+    seq: npt.NDArray[np.int64]  # the key's queries before this one
+    covered: npt.NDArray[np.bool_]  # within an episode of the key (explains the row)
 
 
 @dataclass(slots=True)
@@ -88,6 +118,38 @@ class Table:
         self.cols = KeyedColumns(COLUMNS)
         self.episodes: dict[int, Episode] = {}
         self.saved: set[int] = set()  # slots whose episode extras are in the store
+
+
+def caller_rows(
+    cols: dict[str, npt.NDArray[Any]],
+    dirty: npt.NDArray[np.bool_],
+    slots: npt.NDArray[np.int64],
+    rows: npt.NDArray[np.int64],
+    qs: Queries,
+    ts: npt.NDArray[np.int64],
+    params: CallerParams,
+) -> CallerRows:
+    """Every row (batch order; ``slots`` its key's slot) against its key's state, which is
+    updated in place, by the compiled row-at-a-time pass of :mod:`detectors.kernels`."""
+    m, cap = rows.size, cols["seq"].size
+    q = np.ascontiguousarray(qs.q[rows])
+    out = CallerRows(
+        np.zeros(m, bool), np.zeros((m, 5), bool), np.zeros((m, 5)), np.zeros((m, N_SIG), np.int32),
+        np.zeros(m, np.int64), np.zeros(m, np.int64), np.zeros(m, np.int64),
+        np.zeros(m, np.float32), np.zeros(m), np.zeros(m, np.int64), np.zeros(m, bool),
+    )  # fmt: skip
+    kernels.caller_pass(
+        slots, q.view(np.int64)[:, 0], q, qs.h[rows], qs.off[rows], qs.low[rows],
+        qs.bucket[rows], qs.near[rows], qs.prada[rows], qs.h_prior[rows], ts,
+        cols["seq"], cols["dseq"], cols["ring_q"].view(np.int64).reshape(cap, RING),
+        cols["ring_q"], cols["ring_h"], cols["dists"], cols["n_dists"], cols["prada_z"],
+        cols["streak"], cols["blk"], cols["cur"], cols["prev"], cols["blk_all"],
+        cols["cur_all"], cols["prev_all"], cols["last_flag"], dirty,
+        params.thr_near, params.thr_off, params.thr_low, float(params.streak),
+        float(params.coverage_bits), params.prada_alone, params.is_key, params.explain_ms,
+        BLOCK, SW_A, SW_MU, SW_SIGMA, *out,
+    )  # fmt: skip
+    return out
 
 
 def segments(slots: I64) -> tuple[I64, I64, I64]:

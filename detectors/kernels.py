@@ -19,50 +19,18 @@ rows per batch) in Python.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 import numba
 import numpy as np
-import numpy.typing as npt
 
-from detectors.extraction_state import BLOCK, N_SIG
 from detectors.population import NONE
-from detectors.query_sketch import DISTS, PROJ_DIM, RING, SW_A, SW_MU, SW_SIGMA
 
 _BIG = np.iinfo(np.int32).max
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 # compiled on first call and cached on disk beside the module (once per machine)
 _njit = cast(Callable[[_F], _F], numba.njit(cache=True, nogil=True))
-
-
-class CallerParams(NamedTuple):
-    """Thresholds of one entity type, indexed by the window's length."""
-
-    thr_near: npt.NDArray[np.int64]
-    thr_off: npt.NDArray[np.int64]
-    thr_low: npt.NDArray[np.int64]
-    streak: float  # streak length that fires
-    coverage_bits: float
-    prada_alone: bool
-    is_key: bool
-    explain_ms: int
-
-
-class CallerRows(NamedTuple):
-    """Per processed row (batch order)."""
-
-    flag: npt.NDArray[np.bool_]
-    hit: npt.NDArray[np.bool_]  # (m, 5): near, streak, off, prada, boundary
-    ratios: npt.NDArray[np.float64]  # (m, 5)
-    counts: npt.NDArray[np.int32]  # (m, N_SIG) window counts
-    n_w: npt.NDArray[np.int64]  # queries in the non-repeat window
-    n_all: npt.NDArray[np.int64]  # queries in the all-query window
-    streak: npt.NDArray[np.int64]
-    z: npt.NDArray[np.float32]  # latest PRADA z
-    ent: npt.NDArray[np.float64]  # class entropy of the window, bits
-    seq: npt.NDArray[np.int64]  # the key's queries before this one
-    covered: npt.NDArray[np.bool_]  # within an episode of the key (explains the row)
 
 
 @_njit
@@ -109,33 +77,35 @@ def _shapiro(d: Any, a: Any, mu: float, sigma: float) -> float:
 
 
 @_njit
-def _caller_pass(
+def caller_pass(
     slots: Any, qw: Any, q: Any, h: Any, off: Any, low: Any, bucket: Any, near_r: Any,
     prada_thr: Any, h_prior: Any, ts: Any,
     seq_c: Any, dseq_c: Any, ring_w: Any, ring_q: Any, ring_h: Any, dists: Any, n_dists: Any,
     prada_z: Any, streak_c: Any, blk_c: Any, cur_c: Any, prev_c: Any, blk_all: Any,
     cur_all: Any, prev_all: Any, last_flag: Any, dirty: Any,
     thr_near: Any, thr_off: Any, thr_low: Any, streak_fire: float, coverage_bits: float,
-    prada_alone: bool, is_key: bool, explain_ms: int, sw_a: Any, sw_mu: float, sw_sigma: float,
+    prada_alone: bool, is_key: bool, explain_ms: int, block: int, sw_a: Any, sw_mu: float,
+    sw_sigma: float,
     o_flag: Any, o_hit: Any, o_ratios: Any, o_counts: Any, o_nw: Any, o_nall: Any,
     o_streak: Any, o_z: Any, o_ent: Any, o_seq: Any, o_covered: Any,
 ) -> None:  # fmt: skip
-    flags = np.zeros(N_SIG, np.int16)
-    p = np.zeros(N_SIG - 4)
+    ring, proj, n_dist, n_sig = ring_w.shape[1], q.shape[1], dists.shape[1], cur_c.shape[1]
+    flags = np.zeros(n_sig, np.int16)
+    p = np.zeros(n_sig - 4)
     for i in range(slots.size):
         s = slots[i]
         t = seq_c[s]
-        # -- the query against the key's last RING queries
+        # -- the query against the key's last ring queries
         best = _BIG
         repeat = False
         other = False
-        for j in range(min(t, RING)):
+        for j in range(min(t, ring)):
             if ring_w[s, j] == qw[i] and ring_h[s, j] == h[i]:
                 repeat = True
                 continue
             other = True
             d2 = 0
-            for k in range(PROJ_DIM):
+            for k in range(proj):
                 e = int(ring_q[s, j, k]) - int(q[i, k])
                 d2 += e * e
             best = min(best, d2)
@@ -143,12 +113,12 @@ def _caller_pass(
         near = (not repeat) and other and dmin <= near_r[i]
         fresh = not repeat
         # -- PRADA: record the minimum distance, test every 16th
-        if fresh and t >= RING:
+        if fresh and t >= ring:
             nd = n_dists[s]
-            dists[s, nd % DISTS] = min(np.rint(2.0 * dmin), 255.0)
+            dists[s, nd % n_dist] = min(np.rint(2.0 * dmin), 255.0)
             nd += 1
             n_dists[s] = nd
-            if nd % 16 == 0 and nd >= DISTS:
+            if nd % 16 == 0 and nd >= n_dist:
                 prada_z[s] = np.float32(_shapiro(dists[s], sw_a, sw_mu, sw_sigma))
         z = prada_z[s]
         # -- streak: a repeat neither adds nor resets
@@ -169,7 +139,7 @@ def _caller_pass(
             flags[2] = low[i]
             if bucket[i] >= 0:
                 flags[4 + bucket[i]] = 1
-        b = dseq // BLOCK
+        b = dseq // block
         if b != blk_c[s]:
             if b == blk_c[s] + 1:
                 prev_c[s, :] = cur_c[s, :]
@@ -178,11 +148,11 @@ def _caller_pass(
             cur_c[s, :] = 0
             blk_c[s] = b
         cur_c[s, :] += flags
-        for k in range(N_SIG):
+        for k in range(n_sig):
             o_counts[i, k] = np.int32(cur_c[s, k]) + np.int32(prev_c[s, k])
-        n_w = (BLOCK if dseq >= BLOCK else 0) + dseq % BLOCK + 1
+        n_w = (block if dseq >= block else 0) + dseq % block + 1
         # -- near-duplicates and repeats over all queries, repeats included
-        ab = t // BLOCK
+        ab = t // block
         if ab != blk_all[s]:
             if ab == blk_all[s] + 1:
                 prev_all[s, :] = cur_all[s, :]
@@ -194,19 +164,19 @@ def _caller_pass(
         cur_all[s, 1] += 1 if repeat else 0
         o_counts[i, 0] = np.int32(cur_all[s, 0]) + np.int32(prev_all[s, 0])
         o_counts[i, 3] = np.int32(cur_all[s, 1]) + np.int32(prev_all[s, 1])
-        n_all = (BLOCK if t >= BLOCK else 0) + t % BLOCK + 1
+        n_all = (block if t >= block else 0) + t % block + 1
         # -- class coverage
         classified = 0
-        for k in range(4, N_SIG):
+        for k in range(4, n_sig):
             classified += o_counts[i, k]
         p[:] = 0.0
-        for k in range(4, N_SIG):
+        for k in range(4, n_sig):
             c = o_counts[i, k]
             if c > 0:
                 pk = c / classified
                 p[k - 4] = pk * np.log2(pk)
         ent = -_sum8(p)
-        cover = is_key and ent >= h_prior[i] + coverage_bits and classified >= BLOCK
+        cover = is_key and ent >= h_prior[i] + coverage_bits and classified >= block
         # -- decision
         prada_on = np.float64(z) >= prada_thr[i]
         o_ratios[i, 0] = o_counts[i, 0] / thr_near[n_all]
@@ -221,8 +191,8 @@ def _caller_pass(
         for k in range(5):
             flag = flag or o_hit[i, k]
         # -- ring and counters
-        ring_w[s, t % RING] = qw[i]
-        ring_h[s, t % RING] = h[i]
+        ring_w[s, t % ring] = qw[i]
+        ring_h[s, t % ring] = h[i]
         seq_c[s] = t + 1
         dirty[s] = True
         if flag and ts[i] > last_flag[s]:
@@ -233,33 +203,58 @@ def _caller_pass(
         o_covered[i] = lf != NONE and ts[i] <= lf + explain_ms
 
 
-def caller_pass(
-    cols: dict[str, npt.NDArray[Any]],
-    dirty: npt.NDArray[np.bool_],
-    slots: npt.NDArray[np.int64],
-    rows: npt.NDArray[np.int64],
-    qs: Any,
-    ts: npt.NDArray[np.int64],
-    params: CallerParams,
-) -> CallerRows:
-    """Every row (batch order; ``slots`` its key's slot) against its key's state, which is
-    updated in place; ``qs`` is the batch's :class:`detectors.query_sketch.Queries`."""
-    m, cap = rows.size, cols["seq"].size
-    q = np.ascontiguousarray(qs.q[rows])
-    out = CallerRows(
-        np.zeros(m, bool), np.zeros((m, 5), bool), np.zeros((m, 5)), np.zeros((m, N_SIG), np.int32),
-        np.zeros(m, np.int64), np.zeros(m, np.int64), np.zeros(m, np.int64),
-        np.zeros(m, np.float32), np.zeros(m), np.zeros(m, np.int64), np.zeros(m, bool),
-    )  # fmt: skip
-    _caller_pass(
-        slots, q.view(np.int64)[:, 0], q, qs.h[rows], qs.off[rows], qs.low[rows],
-        qs.bucket[rows], qs.near[rows], qs.prada[rows], qs.h_prior[rows], ts,
-        cols["seq"], cols["dseq"], cols["ring_q"].view(np.int64).reshape(cap, RING),
-        cols["ring_q"], cols["ring_h"], cols["dists"], cols["n_dists"], cols["prada_z"],
-        cols["streak"], cols["blk"], cols["cur"], cols["prev"], cols["blk_all"],
-        cols["cur_all"], cols["prev_all"], cols["last_flag"], dirty,
-        params.thr_near, params.thr_off, params.thr_low, float(params.streak),
-        float(params.coverage_bits), params.prada_alone, params.is_key, params.explain_ms,
-        SW_A, SW_MU, SW_SIGMA, *out,
-    )  # fmt: skip
-    return out
+@_njit
+def normal_scores(x: Any, knots: Any, knot_z: Any, start: Any, out: Any) -> None:
+    """``np.interp`` of every column ``j`` of ``x`` on ``knots[start[j]:start[j + 1]]``, with
+    numpy's arithmetic (bit-identical results) and NaN scored 0, into ``out``."""
+    n, d = x.shape
+    for j in range(d):
+        xp, fp = knots[start[j] : start[j + 1]], knot_z[start[j] : start[j + 1]]
+        last = xp.size - 1
+        for i in range(n):
+            v = x[i, j]
+            if v != v:
+                out[i, j] = 0.0
+            elif v <= xp[0]:
+                out[i, j] = fp[0]
+            elif v >= xp[last]:
+                out[i, j] = fp[last]
+            else:
+                lo, hi = 0, last  # xp[lo] < v < xp[hi]
+                while hi - lo > 1:
+                    mid = (lo + hi) >> 1
+                    if xp[mid] <= v:
+                        lo = mid
+                    else:
+                        hi = mid
+                if xp[lo] == v:
+                    out[i, j] = fp[lo]
+                    continue
+                slope = (fp[lo + 1] - fp[lo]) / (xp[lo + 1] - xp[lo])
+                r = slope * (v - xp[lo]) + fp[lo]
+                if r != r:
+                    r = slope * (v - xp[lo + 1]) + fp[lo + 1]
+                    if r != r and fp[lo] == fp[lo + 1]:
+                        r = fp[lo]
+                out[i, j] = r
+
+
+@_njit
+def beyond(z: Any, anchors: Any, radius2: float, out: Any) -> None:
+    """``out[i]``: every anchor is farther than ``sqrt(radius2)`` from row ``i`` of ``z``.
+    Stops at the first anchor inside (a natural query finds one early) and abandons an anchor
+    once its partial sum passes the radius (a far query is rejected in a few coordinates)."""
+    n, d = z.shape
+    for i in range(n):
+        far = True
+        for a in range(anchors.shape[0]):
+            d2 = 0.0
+            for k in range(d):
+                e = z[i, k] - anchors[a, k]
+                d2 += e * e
+                if d2 > radius2:
+                    break
+            if d2 <= radius2:
+                far = False
+                break
+        out[i] = far

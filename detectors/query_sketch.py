@@ -35,6 +35,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy import special, stats
 
+from detectors import kernels
 from detectors.base import DetectorInput
 from detectors.reference import Reference
 
@@ -123,8 +124,9 @@ class ModelSketch:
     """Normal-score maps, projection, anchors and null calibration of one model version."""
 
     feature_names: tuple[str, ...]
-    knots: tuple[F64, ...]  # per feature: distinct reference values, ascending
-    knot_z: tuple[F64, ...]  # their normal scores
+    knots: F64  # every feature's distinct reference values, ascending, one after the other
+    knot_z: F64  # their normal scores
+    knot_start: I64  # feature j's knots are knots[knot_start[j]:knot_start[j + 1]]
     projection: F64  # (features, PROJ_DIM)
     anchors: F64  # (a, features) normal scores of anchor rows
     anchor_sq: F64
@@ -137,17 +139,19 @@ class ModelSketch:
     class_prior: F64  # (8,) share of reference answers per class bucket
 
     def normal_scores(self, x: F64) -> F64:
-        xt = np.ascontiguousarray(x.T)  # one feature per contiguous row: interp reads no strides
-        zt = np.empty(xt.shape)
-        for j in range(xt.shape[0]):
-            zt[j] = np.interp(xt[j], self.knots[j], self.knot_z[j])
-        zt[np.isnan(xt)] = 0.0
-        out: F64 = zt.T
+        out: F64 = np.empty(x.shape)
+        kernels.normal_scores(x, self.knots, self.knot_z, self.knot_start, out)
         return out
 
     def project(self, z: F64) -> I8:
         y = np.rint(z @ self.projection * Q_SCALE)
         out: I8 = np.clip(y, -127, 127).astype(np.int8)
+        return out
+
+    def off_manifold(self, z: F64) -> npt.NDArray[np.bool_]:
+        """Whether each query is farther than ``off_threshold`` from every anchor."""
+        out = np.empty(z.shape[0], bool)
+        kernels.beyond(z, self.anchors, self.off_threshold**2, out)
         return out
 
     def off_distance(self, z: F64) -> F64:
@@ -216,7 +220,8 @@ def build_sketch(ref: Reference) -> ModelSketch | None:
     rng = np.random.default_rng([_SEED, d])
     proj = rng.standard_normal((d, PROJ_DIM)) / np.sqrt(d)
     sketch = ModelSketch(
-        ref.feature_names, tuple(knots), tuple(knot_z), proj, np.zeros((0, d)), np.zeros(0),
+        ref.feature_names, np.concatenate(knots), np.concatenate(knot_z),
+        np.cumsum([0] + [k.size for k in knots]), proj, np.zeros((0, d)), np.zeros(0),
         np.inf, 1.0, np.inf, ref.score_type, ref.score_labels, np.nan, np.zeros(8),
     )  # fmt: skip
     z = sketch.normal_scores(x)
@@ -293,7 +298,7 @@ def batch_queries(
     out = Queries(ev.n)
     for model, view in batch.views.items():
         versions = ev.model_version[view.rows]
-        for version in np.unique(versions.astype(str)).tolist():
+        for version in sorted(set(versions.tolist())):
             ref = batch.references.get((model, version))
             if ref is None:
                 continue
@@ -308,7 +313,7 @@ def batch_queries(
             out.ok[rows] = True
             out.q[rows] = sk.project(z)
             out.h[rows] = exact_hash(x)
-            out.off[rows] = sk.off_distance(z) > sk.off_threshold
+            out.off[rows] = sk.off_manifold(z)
             at = {s: i for i, s in enumerate(view.score_labels)}  # a lookup per label: quadratic
             cols = [at[s] for s in sk.score_labels]
             scores = view.scores[sel][:, cols]
