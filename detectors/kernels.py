@@ -258,3 +258,17 @@ def beyond(z: Any, anchors: Any, radius2: float, out: Any) -> None:
                 far = False
                 break
         out[i] = far
+
+
+@_njit
+def project(z: Any, projection: Any, scale: float, out: Any) -> None:
+    """``out = clip(rint(z @ projection * scale), -127, 127)`` as int8, one row at a time:
+    a (rows x features) by (features x 8) product is too thin for BLAS, whose threads only
+    spin on the other core."""
+    n, d = z.shape
+    for i in range(n):
+        for c in range(projection.shape[1]):
+            acc = 0.0
+            for k in range(d):
+                acc += z[i, k] * projection[k, c]
+            out[i, c] = min(max(np.rint(acc * scale), -127.0), 127.0)

@@ -144,8 +144,8 @@ class ModelSketch:
         return out
 
     def project(self, z: F64) -> I8:
-        y = np.rint(z @ self.projection * Q_SCALE)
-        out: I8 = np.clip(y, -127, 127).astype(np.int8)
+        out: I8 = np.empty((z.shape[0], PROJ_DIM), np.int8)
+        kernels.project(z, self.projection, Q_SCALE, out)
         return out
 
     def off_manifold(self, z: F64) -> npt.NDArray[np.bool_]:
