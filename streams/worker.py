@@ -374,8 +374,10 @@ class Worker:
         c = self.counters
         c.checkpoints_total += 1
         c.last_checkpoint_s = time.perf_counter() - t0
-        c.stage_s["sink_flush"] = c.stage_s.get("sink_flush", 0.0) + t1 - t0
-        c.stage_s["state_save"] = c.stage_s.get("state_save", 0.0) + t2 - t1
+        # prepare: commands, health, lifecycle, changed state rows; write: every sink's rows,
+        # state and positions into the store, and the source commit
+        c.stage_s["checkpoint_prepare"] = c.stage_s.get("checkpoint_prepare", 0.0) + t1 - t0
+        c.stage_s["store_write"] = c.stage_s.get("store_write", 0.0) + t2 - t1
         c.stage_s["delivery"] = c.stage_s.get("delivery", 0.0) + time.perf_counter() - t2
 
     def _check_health(self) -> None:
