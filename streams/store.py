@@ -20,6 +20,10 @@ from typing import Any
 
 DEFAULT_DSN = "chdb:./inferwatch-data"
 LOCK_NAME = "inferwatch.lock"
+# Replacing tables drop duplicates at merge and every read uses FINAL or argMax, so sorting
+# each inserted block a second time to drop duplicates early is wasted: it was a third of the
+# events insert (load-tests/README.md).
+INSERT_SETTINGS = {"optimize_on_insert": 0}
 
 
 class StoreError(Exception):
@@ -246,7 +250,7 @@ class Store:
             return
         try:
             with self._client_lock:
-                self.client.insert_arrow(table, data)
+                self.client.insert_arrow(table, data, settings=INSERT_SETTINGS)
         except Exception as exc:
             raise classify(exc, self.dsn) from exc
 
