@@ -40,8 +40,10 @@ honest callers with one attacker behind it raises the attacker's key, not the ad
 alert when an attacker spreads over keys that each stay under the thresholds. Sessions are not
 tracked: a session is a slice of one key's traffic, and its state would grow with churn.
 
-State per key: a 32-query ring (8 B projection + 4 B hash each, 384 B), 64 uint8 distances,
-two windows of int16 counts, counters and the open episode: 596 bytes a row. An open
+The per-query geometry and the per-caller pass are compiled loops (:mod:`detectors.kernels`): a
+caller's signals depend on the order of its own queries, which a loop over the batch follows
+directly. State per key: a 32-query ring (8 B projection + 4 B hash each, 384 B), 64 uint8
+distances, two windows of int16 counts, counters and the open episode: 596 bytes a row. An open
 episode's entity, model, sample event ids and evidence are saved beside the key's row as a
 per-key blob (``Snapshot.extras``), so they move with the key's partition in a rebalance and
 survive a restart. Nothing is model-level: the per-model part (normal-score maps, projection,
