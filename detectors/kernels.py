@@ -204,15 +204,27 @@ def caller_pass(
 
 
 @_njit
-def normal_scores(x: Any, knots: Any, knot_z: Any, start: Any, out: Any) -> None:
-    """``np.interp`` of every column ``j`` of ``x`` on ``knots[start[j]:start[j + 1]]``, with
-    numpy's arithmetic (bit-identical results) and NaN scored 0, into ``out``."""
+def normal_scores(x: Any, knots: Any, knot_z: Any, start: Any, size: Any, out: Any) -> None:
+    """``np.interp`` of every column ``j`` of ``x`` on its knots, with numpy's arithmetic
+    (bit-identical results) and NaN scored 0, into ``out``. Feature ``j``'s ``size[j]`` knots
+    start at ``knots[start[j]]``, padded with +inf to a power of two (``start[j + 1]``), so the
+    search is the same fixed halving steps for every value: a loop without data-dependent
+    branches over the whole column, five times faster than one binary search per value."""
     n, d = x.shape
+    lo = np.empty(n, np.int64)
+    col = np.empty(n)
     for j in range(d):
         xp, fp = knots[start[j] : start[j + 1]], knot_z[start[j] : start[j + 1]]
-        last = xp.size - 1
+        last = size[j] - 1
+        col[:] = x[:, j]
+        lo[:] = 0
+        half = xp.size >> 1
+        while half >= 1:  # lo: the last knot <= the value (0 below the first)
+            for i in range(n):
+                lo[i] += half * (xp[lo[i] + half] <= col[i])
+            half >>= 1
         for i in range(n):
-            v = x[i, j]
+            v = col[i]
             if v != v:
                 out[i, j] = 0.0
             elif v <= xp[0]:
@@ -220,22 +232,16 @@ def normal_scores(x: Any, knots: Any, knot_z: Any, start: Any, out: Any) -> None
             elif v >= xp[last]:
                 out[i, j] = fp[last]
             else:
-                lo, hi = 0, last  # xp[lo] < v < xp[hi]
-                while hi - lo > 1:
-                    mid = (lo + hi) >> 1
-                    if xp[mid] <= v:
-                        lo = mid
-                    else:
-                        hi = mid
-                if xp[lo] == v:
-                    out[i, j] = fp[lo]
+                k = lo[i]
+                if xp[k] == v:
+                    out[i, j] = fp[k]
                     continue
-                slope = (fp[lo + 1] - fp[lo]) / (xp[lo + 1] - xp[lo])
-                r = slope * (v - xp[lo]) + fp[lo]
+                slope = (fp[k + 1] - fp[k]) / (xp[k + 1] - xp[k])
+                r = slope * (v - xp[k]) + fp[k]
                 if r != r:
-                    r = slope * (v - xp[lo + 1]) + fp[lo + 1]
-                    if r != r and fp[lo] == fp[lo + 1]:
-                        r = fp[lo]
+                    r = slope * (v - xp[k + 1]) + fp[k + 1]
+                    if r != r and fp[k] == fp[k + 1]:
+                        r = fp[k]
                 out[i, j] = r
 
 

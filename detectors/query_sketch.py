@@ -124,9 +124,10 @@ class ModelSketch:
     """Normal-score maps, projection, anchors and null calibration of one model version."""
 
     feature_names: tuple[str, ...]
-    knots: F64  # every feature's distinct reference values, ascending, one after the other
-    knot_z: F64  # their normal scores
-    knot_start: I64  # feature j's knots are knots[knot_start[j]:knot_start[j + 1]]
+    knots: F64  # per feature, its distinct reference values ascending, padded with +inf to
+    knot_z: F64  # a power of two, one feature after the other; and their normal scores
+    knot_start: I64  # feature j's (padded) knots are knots[knot_start[j]:knot_start[j + 1]]
+    knot_size: I64  # and the first knot_size[j] of them are real
     projection: F64  # (features, PROJ_DIM)
     anchors: F64  # (a, features) normal scores of anchor rows
     anchor_sq: F64
@@ -140,7 +141,7 @@ class ModelSketch:
 
     def normal_scores(self, x: F64) -> F64:
         out: F64 = np.empty(x.shape)
-        kernels.normal_scores(x, self.knots, self.knot_z, self.knot_start, out)
+        kernels.normal_scores(x, self.knots, self.knot_z, self.knot_start, self.knot_size, out)
         return out
 
     def project(self, z: F64) -> I8:
@@ -219,9 +220,14 @@ def build_sketch(ref: Reference) -> ModelSketch | None:
         knot_z.append(np.clip(special.ndtri(np.clip(mid, 1e-9, 1 - 1e-9)), lo, hi))
     rng = np.random.default_rng([_SEED, d])
     proj = rng.standard_normal((d, PROJ_DIM)) / np.sqrt(d)
+    sizes = np.array([k.size for k in knots])
+    width = 1 << np.ceil(np.log2(sizes)).astype(np.int64)  # padded to a power of two
+    pad = [np.full(w - k.size, np.inf) for k, w in zip(knots, width.tolist(), strict=True)]
     sketch = ModelSketch(
-        ref.feature_names, np.concatenate(knots), np.concatenate(knot_z),
-        np.cumsum([0] + [k.size for k in knots]), proj, np.zeros((0, d)), np.zeros(0),
+        ref.feature_names,
+        np.concatenate([v for k, p in zip(knots, pad, strict=True) for v in (k, p)]),
+        np.concatenate([v for z, p in zip(knot_z, pad, strict=True) for v in (z, p)]),
+        np.cumsum(np.r_[0, width]), sizes, proj, np.zeros((0, d)), np.zeros(0),
         np.inf, 1.0, np.inf, ref.score_type, ref.score_labels, np.nan, np.zeros(8),
     )  # fmt: skip
     z = sketch.normal_scores(x)
@@ -230,6 +236,11 @@ def build_sketch(ref: Reference) -> ModelSketch | None:
     anchors, calib = z[order[:n_anchor]], z[order[n_anchor:]]
     sketch = _with(sketch, anchors=anchors, anchor_sq=(anchors * anchors).sum(axis=1))
     off = float(np.quantile(sketch.off_distance(calib), 1 - OFF_RATE))
+    # the test stops at the first anchor within the radius: try the most central ones first
+    d2 = (calib * calib).sum(axis=1)[:, None] - 2.0 * calib @ anchors.T + sketch.anchor_sq
+    central = np.argsort(-(d2 <= off * off).sum(axis=0), kind="stable")
+    anchors = np.ascontiguousarray(anchors[central])
+    sketch = _with(sketch, anchors=anchors, anchor_sq=sketch.anchor_sq[central])
     q = sketch.project(z)
     near, prada = _null_calibration(q, rng)
     scores = np.asarray(ref.sample_scores, np.float64)

@@ -30,8 +30,12 @@ def test_kernels_normal_scores_equal_numpy_interp(
     # a few queries exactly on the knots
     x[0, :] = [k[0] for k in xp]
     out = np.empty(x.shape)
-    start = np.cumsum([0] + [k.size for k in xp])
-    kernels.normal_scores(x, np.concatenate(xp), np.concatenate(fp), start, out)
+    width = [1 << int(np.ceil(np.log2(k.size))) for k in xp]  # padded as build_sketch pads
+    pads = [np.full(w - k.size, np.inf) for k, w in zip(xp, width, strict=True)]
+    knots = np.concatenate([v for k, p in zip(xp, pads, strict=True) for v in (k, p)])
+    knot_z = np.concatenate([v for f, p in zip(fp, pads, strict=True) for v in (f, p)])
+    start, size = np.cumsum([0, *width]), np.array([k.size for k in xp])
+    kernels.normal_scores(x, knots, knot_z, start, size, out)
     for j in range(len(xp)):
         want = np.interp(x[:, j], xp[j], fp[j])
         want[np.isnan(x[:, j])] = 0.0
