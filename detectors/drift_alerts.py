@@ -18,27 +18,35 @@ from detectors.psi import psi_rows
 TOP = 10  # drifted columns ranked in an alert
 
 
-def window_metrics(track: Any, c: Change) -> list[WindowMetric]:
+def window_metrics(track: Any, changes: list[Change], detector: str) -> list[WindowMetric]:
     """Per whole window length: each column's KS (numeric) or JS distance (categorical),
-    named ``<column>@<version>``, and how many columns a test rejected at that hop."""
+    named ``<column>@<version>``, and how many columns a test rejected at that hop. All the
+    windows of a batch at once: one array per statistic, then one row per (window, column)."""
+    if not changes:
+        return []
     lay = track.layout
     b = lay.bins
-    values = np.round(c.ks, 9)
+    window = np.stack([c.window[:, :b] for c in changes])
+    values = np.round(np.stack([c.ks for c in changes]), 9)
     cat = np.flatnonzero(lay.categorical)
     if cat.size:
-        values[cat] = np.round(ds.js_distance(lay.counts[cat, :b], c.window[cat, :b]), 9)
-    counts = c.window[:, :b].sum(axis=1)
-    start, end, model, version = c.first_ts_ms, c.end_ts_ms + 1, track.model_id, track.version
-    kinds = ["drift_js" if k else "drift_ks" for k in lay.categorical.tolist()]
-    out = [
-        WindowMetric(model, kind, start, end, v, f"{name}@{version}" if version else name, n)
-        for name, kind, v, n in zip(lay.names, kinds, values.tolist(), counts.tolist(), strict=True)
-        if n > 0
-    ]
-    top = int(counts.max()) if counts.size else 0
+        values[:, cat] = np.round(ds.js_distance(lay.counts[cat, :b], window[:, cat]), 9)
+    counts = window.sum(axis=2)
+    model, version = track.model_id, track.version
     label = f"@{version}" if version else ""
-    rejected = float(c.rejected.sum())
-    out.append(WindowMetric(model, "drift_columns_rejected", start, end, rejected, label, top))
+    names = [f"{name}{label}" for name in lay.names]
+    kinds = ["drift_js" if k else "drift_ks" for k in lay.categorical.tolist()]
+    out = []
+    for c, vs, ns in zip(changes, values.tolist(), counts.tolist(), strict=True):
+        start, end = c.first_ts_ms, c.end_ts_ms + 1
+        out += [
+            WindowMetric(model, kind, start, end, v, name, n, detector)
+            for name, kind, v, n in zip(names, kinds, vs, ns, strict=True)
+            if n > 0
+        ]
+        rejected, top = float(c.rejected.sum()), max(ns, default=0)
+        kind = "drift_columns_rejected"
+        out.append(WindowMetric(model, kind, start, end, rejected, label, top, detector))
     return out
 
 

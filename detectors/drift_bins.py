@@ -65,15 +65,15 @@ class BinLayout:
     def codes(self, x: npt.NDArray[np.floating]) -> U8:
         """Bin of every value of ``x`` (rows, columns): (rows, columns) uint8, ``bins`` = NaN."""
         with np.errstate(over="ignore"):  # beyond float32: infinity, the edge bin after clip
-            x32 = np.asarray(x, np.float32)
-            cell = (x32 - self.lo) * self.inv
+            cell = np.subtract(x, self.lo, dtype=np.float32)
+            cell *= self.inv
         np.clip(cell, 0, GRID - 1, out=cell)
         nan = np.isnan(cell)
         if nan.any():
             cell[nan] = GRID
         idx = cell.astype(np.int32)
         idx += np.arange(len(self.names), dtype=np.int32) * (GRID + 1)
-        out: U8 = self.lut[idx]
+        out: U8 = np.take(self.lut, idx)  # ``take``: about half the time of ``lut[idx]``
         return out
 
 

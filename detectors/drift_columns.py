@@ -19,6 +19,7 @@ from detectors.reference import Reference
 from detectors.routing import ModelView
 from schemas.batch import EventBatch
 
+F32 = npt.NDArray[np.float32]
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 
@@ -59,12 +60,14 @@ def layout_of(ref: Reference, bins: int) -> BinLayout:
 
 
 def values_of(
-    ref: Reference, layout: BinLayout, batch: EventBatch, view: ModelView, at: I64
-) -> F64:
-    """The watched columns of rows ``at`` of ``view`` (rows, columns), NaN where absent."""
+    ref: Reference, layout: BinLayout, batch: EventBatch, view: ModelView, at: I64 | slice
+) -> F32:
+    """The watched columns of rows ``at`` of ``view`` (rows, columns), NaN where absent; in
+    float32, which is what :meth:`~detectors.drift_bins.BinLayout.codes` bins."""
     rows = view.rows[at]
+    scores = view.scores[at]
     n_feat = len(ref.feature_names)
-    out = np.full((at.size, len(layout.names)), np.nan)
+    out = np.full((rows.size, len(layout.names)), np.nan, np.float32)
     if view.feature_names[:n_feat] == ref.feature_names:  # the usual case: the same index
         out[:, :n_feat] = view.features[at, :n_feat]
     else:  # a reference from a file can list features in another order
@@ -73,13 +76,13 @@ def values_of(
             if name in where:
                 out[:, i] = view.features[at, where[name]]
     channels = ref.layout.values(
-        view.score_labels, view.scores[at], batch.output_value[rows], batch.output_label[rows]
+        view.score_labels, scores, batch.output_value[rows], batch.output_label[rows]
     )
     out[:, n_feat : n_feat + channels.shape[1]] = channels
     if layout.names and layout.names[-1] == CONFIDENCE:
         pos = {c: i for i, c in enumerate(view.score_labels)}
         cols = [pos[c] for c in ref.score_labels if c in pos]
-        conf = confidence(ref.score_type, view.scores[at][:, cols])
+        conf = confidence(ref.score_type, scores[:, cols])
         if conf is not None:
             out[:, -1] = conf
     return out

@@ -146,12 +146,8 @@ def saddlepoint_pvalue(
     x = mean + np.sign(d) * excess  # the boundary of the null, moved half a step back
     pad = 1e-6 * np.maximum(hi - lo, 1e-12)
     x = np.clip(x, lo + pad, hi - pad)
-    t = (x - mean) / np.maximum(sd * sd, 1e-12)
-    for _ in range(60):
-        k0, k1, k2 = _cumulants(t, scores, probs)
-        step = (k1 - x) / np.maximum(k2, 1e-300)
-        t = np.clip(t - np.clip(step, -5.0, 5.0), -500.0, 500.0)
-    k0, k1, k2 = _cumulants(t, scores, probs)
+    t = _newton((x - mean) / np.maximum(sd * sd, 1e-12), x, scores, probs)
+    k0, _, k2 = _cumulants(t, scores, probs)
     w = np.sign(t) * np.sqrt(np.maximum(2.0 * n * (t * x - k0), 0.0))
     u = t * np.sqrt(n * np.maximum(k2, 1e-300))
     shrink = np.sqrt((1.0 / n) / (1.0 / n + 1.0 / m))
@@ -161,6 +157,30 @@ def saddlepoint_pvalue(
     tail = np.where(d >= 0, upper, 1.0 - upper)
     tail = np.where(np.abs(w) < 1e-6, 0.5, tail)
     out: F64 = np.clip(np.nan_to_num(tail, nan=1.0), 0.0, 1.0)
+    return out
+
+
+def _newton(t: F64, x: F64, scores: F64, probs: F64, steps: int = 60) -> F64:
+    """``t`` after ``steps`` damped Newton steps towards ``K'(t) = x``, row by row. A row whose
+    steps reach a fixed point or a 2-cycle (the last bit flipping back and forth) stops there,
+    with the value the remaining steps would leave: the same result, in a few steps."""
+    out, rows = t.copy(), np.arange(t.size)
+    before = np.full(t.size, np.nan)  # each row's value one step back
+    for i in range(steps):
+        _, k1, k2 = _cumulants(t, scores[rows], probs[rows])
+        step = (k1 - x[rows]) / np.maximum(k2, 1e-300)
+        after = np.clip(t - np.clip(step, -5.0, 5.0), -500.0, 500.0)
+        fixed, cycle = after == t, after == before
+        if (steps - i - 1) % 2:  # an odd number of steps left ends a 2-cycle on ``t``
+            out[rows[cycle]] = t[cycle]
+        else:
+            out[rows[cycle]] = after[cycle]
+        out[rows[fixed]] = after[fixed]
+        going = ~(fixed | cycle)
+        rows, before, t = rows[going], t[going], after[going]
+        if rows.size == 0:
+            break
+    out[rows] = t
     return out
 
 

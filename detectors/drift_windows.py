@@ -133,23 +133,35 @@ class Engine:
 
     # hops -------------------------------------------------------------------------------
 
-    def _cuts(self, n: int, ts: I64 | None) -> list[int]:
-        """Row positions (exclusive ends) where hops close within ``n`` new rows."""
-        s, cuts, start, have = self.s, [], 0, self.partial_n
-        while start < n:
-            end = min(n, start + s.hop_events - have)
-            if ts is not None and s.hop_ms is not None:
-                t0 = self.partial_ts[0] if have else int(ts[start])
-                late = start + int(np.searchsorted(ts[start:end], t0 + s.hop_ms, side="left"))
-                if late < end:  # the row at ``late`` is past the hop's time: it closes before
-                    cuts.append(late)
-                    start, have = late, 0
-                    continue
-            if have + end - start < s.hop_events:
+    def _cuts(self, n: int, ts: I64 | None) -> I64:
+        """Row positions (exclusive ends) where hops close within ``n`` new rows: every
+        ``hop_events`` rows, unless a hop reaches ``hop_ms`` first."""
+        s, have = self.s, self.partial_n
+        by_count = np.arange(s.hop_events - have, n + 1, s.hop_events)
+        if ts is None or s.hop_ms is None:
+            return by_count
+        # where a hop opened at each row would close on time (one search for the batch)
+        due = np.searchsorted(ts, ts + s.hop_ms, side="left")
+        opened = np.concatenate([[0], by_count[by_count < n]])
+        due_first = due[opened]
+        if have:  # the open hop started at its first event, in an earlier batch
+            due_first[0] = np.searchsorted(ts, self.partial_ts[0] + s.hop_ms, side="left")
+        if (due_first >= np.append(by_count, n)[: opened.size]).all():
+            return by_count  # the usual batch: no hop closes on time
+        cuts, start, end = [], 0, s.hop_events - have
+        closes = int(due_first[0])
+        while True:  # a hop closed on time moves the later ones: follow them one at a time
+            if closes < min(end, n):
+                cuts.append(closes)
+            elif end <= n:
+                cuts.append(end)
+            else:
                 break
-            cuts.append(end)
-            start, have = end, 0
-        return cuts
+            start = cuts[-1]
+            if start >= n:
+                break
+            end, closes = start + s.hop_events, int(due[start])
+        return np.asarray(cuts, np.int64)
 
     def feed(self, codes: U8, ts: I64 | None = None) -> list[Change]:
         """Count ``codes`` (rows, columns) in event order; evaluate every hop that closes."""
@@ -157,7 +169,7 @@ class Engine:
         if n == 0:
             return []
         cuts = self._cuts(n, ts)
-        bounds = np.array([0, *cuts, n])
+        bounds = np.concatenate([[0], cuts, [n]])
         hop_of_row = np.repeat(np.arange(bounds.size - 1), np.diff(bounds))
         hists = hop_histograms(codes, hop_of_row, bounds.size - 1, self.layout.bins)
         hists[0] += self.partial
@@ -172,8 +184,8 @@ class Engine:
                 first_ts[0] = self.partial_ts[0]
                 if bounds[1] == 0:
                     last_ts[0] = self.partial_ts[1]
-        closed = len(cuts)
-        ends = self.events + np.asarray(cuts, np.int64)
+        closed = cuts.size
+        ends = self.events + cuts
         changes = self._evaluate(hists[:closed], first_ts[:closed], last_ts[:closed], ends)
         self.partial = hists[closed]
         self.partial_n = int(sizes[closed])
