@@ -1,0 +1,441 @@
+"""``privacy.query_probing``: membership-inference (AML.T0024.000, OWASP ML04) and model-inversion
+(AML.T0024.001, OWASP ML03) probing seen in the sequence of one api key's queries.
+
+Design. Each query of a model with a reference is reduced by part 1's sketch
+(:mod:`detectors.query_sketch`) and :mod:`detectors.privacy_state` to an int8 projection, an
+exact hash, a feature fingerprint and its answer's class probabilities. It is compared with the
+key's last ``RING`` (8) queries of the same model: an exact repeat **links** to the query it
+repeats; otherwise it links to the nearest one within the model's link radius (half the 0.1%
+quantile of a natural query's distance to the nearest of 8 natural ones: steps far smaller than
+between honest queries), and is then a **near** query. Links form chains; every query carries
+the **root** its chain started at (resolved for a whole batch by pointer jumping), with that
+root's projection and class probabilities. A near query whose fingerprint says that at least
+``min(5, max(2, d // 2))`` features moved is a **perturbation**: noise on every feature, not a
+what-if edit of one or two fields or a re-scored record. Per key:
+
+- ``run``: perturbations since the perturbations' root last changed (a record under probing
+  keeps one root: its perturbations link to it or to each other).
+- **perturbation clusters** (membership, Shokri 2017 / Choquette-Choo 2021): a cluster whose run
+  reaches 8, counted when that perturbation lies on the model's manifold (part 1's off-manifold
+  distance, computed only for perturbations). Fires at 3 such clusters within the key's last
+  129-256 non-repeat queries.
+- **perturbed records** (confidence-based membership with augmentations): clusters whose run
+  reaches 2, on-manifold. Fires at 12 in the window; more than any honest caller of our
+  population perturbs (a what-if explorer edits at most 11 records, and edits move one or two
+  fields).
+- **confidence harvesting**: full score vectors in the key's current event-time hour at least
+  ``max(256, 8 x (its average hourly count before that hour + 1))`` while at least 4 perturbed
+  records are in the window. Volume alone is a batch-scoring job; it needs some perturbation.
+- **hill-climbing** (inversion, Fredrikson 2015; for label-only answers a BREP-MI-like walk,
+  Kahla 2022): a run of at least 48 perturbations under one root, that climbed (the answered
+  class's probability is 0.05 above the root's), or travelled (4 link radii from the root), or is
+  on a label-only model (no confidence to read: the long run of small steps is the signal).
+
+Exact repeats (retries, re-scored records, fixtures) link chains but are never perturbations and
+do not move the window; they are counted in the evidence. Thresholds were fixed on development
+seed 1 of ``load-tests/eval_privacy.py``, never on its evaluation seeds.
+
+Entities: api keys only. A chain needs one caller's consecutive queries: on a client IP (a NAT
+of hundreds of callers, per partition) the ring of 8 fills with other callers' queries and the
+chains break, so address state would cost as much as key state and see less. An attacker who
+rotates keys per handful of queries is not seen here; that needs a re-keyed fingerprint stream
+(DESIGN.md section 2). Findings for every flagged query; one alert per key episode (closed after
+``close_after_s`` without a flagged query), through part 1's episode machinery.
+
+State per key: a ring of 8 queries (projection, root projection, hashes, fingerprint, model,
+root, root probabilities: 44 B each, 352 B), window counts, the run, the harvesting hour and the
+open episode: 464 bytes, fixed width.
+
+>>> import functools
+>>> from streams.sim_callers import World
+>>> det = QueryProbing()
+>>> det.atlas, det.owasp
+(('AML.T0024.000', 'AML.T0024.001'), ('ML04', 'ML03'))
+>>> det.tables["api_key"].cols.dtype.itemsize
+464
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+
+from detectors.base import (
+    EMPTY,
+    F64,
+    I64,
+    AlertChange,
+    DetectorBase,
+    DetectorInput,
+    Findings,
+    Output,
+    json_evidence,
+)
+from detectors.episodes import NONE
+from detectors.extraction_state import (
+    BLOCK,
+    Episodes,
+    group_index,
+    segmented_cummax,
+    segments,
+    window_counts,
+)
+from detectors.privacy_state import (
+    FLAGS,
+    RING,
+    Calibration,
+    Geometry,
+    Table,
+    batch_geometry,
+    changed_features,
+    radii,
+)
+from detectors.query_sketch import build_sketch
+from detectors.reference import Reference
+from detectors.registry import register
+
+HOUR_MS = 3_600_000
+MEMBERSHIP = "AML.T0024.000"
+INVERSION = "AML.T0024.001"
+_BIG = np.iinfo(np.int32).max
+
+
+@register("privacy.query_probing")
+class QueryProbing(Episodes, DetectorBase):
+    atlas: ClassVar[tuple[str, ...]] = (MEMBERSHIP, INVERSION)
+    owasp: ClassVar[tuple[str, ...]] = ("ML04", "ML03")
+    entity_types: ClassVar[tuple[str, ...]] = ("api_key",)
+    # part 1's episode machinery reads only the columns, episodes and saved slots of a table
+    tables: dict[str, Table]  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        cluster_size: int = 8,
+        clusters: int = 3,
+        records: int = 12,
+        climb_run: int = 48,
+        climb_gain: float = 0.05,
+        climb_radii: float = 4.0,
+        harvest_min: int = 256,
+        harvest_factor: float = 8.0,
+        harvest_records: int = 4,
+        close_after_s: int = 3600,
+    ) -> None:
+        ints = (cluster_size, clusters, records, climb_run, harvest_min, harvest_records)
+        if min(ints) < 1 or cluster_size < 3 or close_after_s < 1 or harvest_factor <= 0:
+            raise ValueError(
+                "privacy.query_probing: expected counts >= 1, cluster_size >= 3, "
+                f"close_after_s >= 1 and harvest_factor > 0; found {ints}, {close_after_s}, "
+                f"{harvest_factor}"
+            )
+        self.cluster_size, self.clusters, self.records = cluster_size, clusters, records
+        self.climb_run, self.climb_gain, self.climb_radii = climb_run, climb_gain, climb_radii
+        self.harvest_min, self.harvest_factor = harvest_min, harvest_factor
+        self.harvest_records, self.close_after_s = harvest_records, close_after_s
+        self.close_ms = close_after_s * 1000
+        self._cal: dict[tuple[str, str], tuple[Reference, Calibration | None]] = {}
+        self.reset()
+
+    def reset(self) -> None:
+        self.tables = {"api_key": Table()}
+
+    def _calibration(self, key: tuple[str, str], ref: Reference) -> Calibration | None:
+        got = self._cal.get(key)
+        if got is None or got[0] is not ref:
+            sk = build_sketch(ref)
+            cal = None
+            if sk is not None:
+                d = len(sk.feature_names)
+                tag = zlib.crc32(f"{key[0]}\x00{key[1]}".encode())
+                cal = Calibration(sk, *radii(sk, ref), min(4, max(2, d // 3)), tag)
+            got = self._cal[key] = (ref, cal)
+        return got[1]
+
+    def geometry(self, batch: DetectorInput) -> Geometry:
+        return batch_geometry(batch, self._calibration)
+
+    # -- update ------------------------------------------------------------------------------
+
+    def update(self, batch: DetectorInput) -> Output:
+        ev = batch.events
+        if ev.n == 0:
+            return EMPTY
+        g = self.geometry(batch)
+        rows = np.flatnonzero(g.ok & (ev.api_key_id != "")).astype(np.int64)
+        if rows.size == 0:
+            return EMPTY
+        table = self.tables["api_key"]
+        table.cols.ensure(batch.keyspace["api_key"].capacity)
+        alerts: list[AlertChange] = []
+        flagged, score, evidence = self._update_keys(table, batch, g, rows, alerts)
+        alerts.sort(key=lambda a: (a.ts_ms, a.entity_type, a.entity, a.status == "resolved"))
+        findings: tuple[Findings, ...] = ()
+        if flagged.size:
+            label = np.array([e["label"] for e in evidence], dtype=object)
+            findings = (Findings(flagged, label, score, json_evidence(evidence)),)
+        return Output(findings=findings, alerts=tuple(self._retitle(a) for a in alerts))
+
+    def advance(self, watermark_ms: int) -> Output:
+        out = super().advance(watermark_ms)
+        if not out.alerts:
+            return out
+        return Output(alerts=tuple(self._retitle(a) for a in out.alerts))
+
+    def _update_keys(
+        self, table: Table, batch: DetectorInput, g: Geometry, rows: I64,
+        alerts: list[AlertChange],
+    ) -> tuple[I64, F64, list[dict[str, Any]]]:  # fmt: skip
+        cols = table.cols.cols
+        slots = batch.slots["api_key"][rows]
+        order = np.argsort(slots, kind="stable")
+        r, s = rows[order], slots[order]
+        m = r.size
+        seg0, seg_id, starts = segments(s)
+        seq0 = cols["seq"][s]
+        seq = seq0 + np.arange(m) - seg0
+        ln = _links(cols, g, r, s, seq, seq0, seg0, seg_id, starts)
+        repeat, near, root = ln["repeat"], ln["near"], ln["root"]
+        pert = near & (ln["changed"] >= g.min_changed[r])
+        rs = _runs(cols, s, seg_id, pert, root, ln["root_q"], ln["root_p"], ln["q"], g.join[r] ** 2)
+        run, switch = rs["run"], rs["switch"]
+        on = np.zeros(m, bool)
+        pi = np.flatnonzero(pert)
+        on[pi] = g.on_manifold(r[pi])
+        flags = np.zeros((m, len(FLAGS)), np.int16)
+        flags[:, 0] = pert & on & (run == self.cluster_size)
+        flags[:, 1] = pert & on & (run == 2)
+        flags[:, 2] = pert & on
+        flags[:, 3] = near
+        fresh = ~repeat
+        cum = np.cumsum(fresh)
+        dseq_raw = cols["dseq"][s] + cum - np.where(seg0 > 0, cum[np.maximum(seg0 - 1, 0)], 0) - 1
+        dseq = np.maximum(dseq_raw, 0)
+        counts, gb, total, prev = window_counts(
+            flags, dseq, seg_id, cols["blk"][s], cols["cur"][s], cols["prev"][s]
+        )
+        n_w = np.where(dseq >= BLOCK, BLOCK, 0) + dseq % BLOCK + 1
+        hv = self._harvest(cols, batch, g, r, s, seg0, seg_id)
+        diff = ln["q"].astype(np.int32) - rs["origin_q"].astype(np.int32)
+        disp = np.sqrt((diff * diff).sum(axis=1)) / g.radius[r]
+        top = np.argmax(g.p[r], axis=1)
+        p_top = g.p[r][np.arange(m), top].astype(np.float64)
+        gain = (p_top - rs["origin_p"][np.arange(m), top]) / 255
+        climbed = g.label_only[r] | (gain >= self.climb_gain) | (disp >= self.climb_radii)
+        long = pert & (run >= self.climb_run) & climbed
+        vol_ok = g.scored[r] & (counts[:, 1] >= self.harvest_records)
+        ratios = np.stack(
+            [
+                counts[:, 0] / self.clusters,
+                counts[:, 1] / self.records,
+                np.where(vol_ok, hv["count"] / hv["threshold"], 0.0),
+                np.where(long, run / self.climb_run, 0.0),
+            ],
+            axis=1,
+        )
+        hit = ratios >= 1.0
+        flag = hit.any(axis=1)
+        # new state: the last row of each key
+        last = np.append(starts[1:], m) - 1
+        ls = s[last]
+        keep = seq >= seq[last][seg_id] - RING + 1
+        ks, kp = s[keep], seq[keep] % RING
+        for name, val in (("ring_q", ln["q"]), ("ring_h", g.h[r]), ("ring_fp", g.fp[r]),
+                          ("ring_m", g.m[r]), ("ring_root", root), ("ring_rq", ln["root_q"]),
+                          ("ring_rp", ln["root_p"])):  # fmt: skip
+            cols[name][ks, kp] = val[keep]
+        cols["seq"][ls] = seq[last] + 1
+        cols["dseq"][ls] = dseq_raw[last] + 1
+        rep_cum = np.cumsum(repeat)
+        cols["repeats"][ls] += rep_cum[last] - np.where(starts > 0, rep_cum[starts - 1], 0)
+        pert_cum = np.cumsum(pert)
+        any_pert = pert_cum[last] - np.where(starts > 0, pert_cum[starts - 1], 0) > 0
+        lastp = np.maximum.accumulate(np.where(pert, np.arange(m), -1))[last]
+        cols["run"][ls[any_pert]] = run[lastp[any_pert]]
+        cols["last_root"][ls[any_pert]] = root[lastp[any_pert]]
+        cols["last_pq"][ls[any_pert]] = ln["q"][lastp[any_pert]]
+        cols["run_q"][ls[any_pert]] = rs["origin_q"][lastp[any_pert]]
+        cols["run_p"][ls[any_pert]] = rs["origin_p"][lastp[any_pert]]
+        gl = group_index(dseq, seg_id)[last]
+        cols["blk"][ls], cols["cur"][ls], cols["prev"][ls] = gb[gl], total[gl], prev[gl]
+        for name in ("hour", "hour_n", "before_n", "first_hour"):
+            cols[name][ls] = hv[name][last]
+        table.cols.mark(ls)
+        idx = np.flatnonzero(flag)
+        if idx.size == 0:
+            return np.zeros(0, np.int64), np.zeros(0), []
+        score = ratios[idx].max(axis=1)
+        repeats0 = cols["repeats"][s] - (rep_cum[last][seg_id] - rep_cum)  # repeats up to the row
+        evidence = [
+            self._evidence(hit[i], counts[i], int(n_w[i]), int(run[i]), float(disp[i]),
+                           float(gain[i]) if not g.label_only[r[i]] else None,
+                           hv, i, int(repeats0[i]), int(seq[i]), bool(switch[i]))
+            for i in idx.tolist()
+        ]  # fmt: skip
+        self._episodes("api_key", table, batch, r[idx], s[idx], score, evidence, alerts)  # type: ignore[arg-type]
+        return r[idx], score, evidence
+
+    def _harvest(
+        self, cols: dict[str, npt.NDArray[Any]], batch: DetectorInput, g: Geometry, r: I64,
+        s: I64, seg0: I64, seg_id: I64,
+    ) -> dict[str, npt.NDArray[Any]]:  # fmt: skip
+        """Full-score answers per key and event-time hour, against the key's own average
+        hourly count before that hour."""
+        m = r.size
+        hour0, n0, before0 = cols["hour"][s], cols["hour_n"][s], cols["before_n"][s]
+        raw = np.maximum(batch.events.ts_ms[r] // HOUR_MS, np.where(hour0 == NONE, 0, hour0))
+        hr = segmented_cummax(raw, seg_id)  # late events count in the key's latest hour
+        sc = g.scored[r].astype(np.int64)
+        cs = np.cumsum(sc)
+        incl = cs - np.where(seg0 > 0, cs[np.maximum(seg0 - 1, 0)], 0)  # key's rows so far
+        brk = np.ones(m, bool)
+        brk[1:] = (seg_id[1:] != seg_id[:-1]) | (hr[1:] != hr[:-1])
+        gstart = np.maximum.accumulate(np.where(brk, np.arange(m), 0))
+        earlier = incl[gstart] - sc[gstart]  # this key's rows in the batch before this hour
+        same = hr == hour0
+        count = incl - earlier + np.where(same, n0, 0)
+        before = before0 + np.where(same, 0, np.where(hour0 == NONE, 0, n0) + earlier)
+        first = np.where(cols["first_hour"][s] == NONE, hr[seg0], cols["first_hour"][s])
+        rate = before / np.maximum(hr - first, 1)
+        thr = np.maximum(self.harvest_min, self.harvest_factor * (rate + 1.0))
+        return {"count": count, "threshold": thr, "rate": rate, "hour": hr, "hour_n": count,
+                "before_n": before, "first_hour": first}  # fmt: skip
+
+    def _evidence(
+        self, hit: npt.NDArray[np.bool_], c: npt.NDArray[np.int32], n_w: int, run: int,
+        disp: float, gain: float | None, hv: dict[str, npt.NDArray[Any]], i: int, repeats: int,
+        seq: int, switch: bool,
+    ) -> dict[str, Any]:  # fmt: skip
+        names = ("perturbation_clusters", "perturbed_records", "confidence_harvesting",
+                 "hill_climbing")  # fmt: skip
+        signals = [n for n, h in zip(names, hit.tolist(), strict=True) if h]
+        inversion = bool(hit[3])
+        membership = bool(hit[0] or hit[1] or hit[2])
+        return {
+            "label": "inversion_probe" if inversion else "membership_probe",
+            "kind": "inversion" if inversion else "membership",
+            "signals": signals,
+            "atlas": ([INVERSION] if inversion else []) + ([MEMBERSHIP] if membership else []),
+            "owasp": (["ML03"] if inversion else []) + (["ML04"] if membership else []),
+            "window": n_w,
+            "perturbation_clusters": int(c[0]),
+            "clusters_threshold": self.clusters,
+            "cluster_size": self.cluster_size,
+            "perturbed_records": int(c[1]),
+            "records_threshold": self.records,
+            "perturbations_on_manifold": int(c[2]),
+            "near_queries": int(c[3]),
+            "run": run,
+            "run_threshold": self.climb_run,
+            "displacement_radii": round(disp, 2),
+            "confidence_gain": round(gain, 3) if gain is not None else None,
+            "hour_full_scores": int(hv["count"][i]),
+            "hour_threshold": round(float(hv["threshold"][i]), 1),
+            "history_per_hour": round(float(hv["rate"][i]), 2),
+            "exact_repeats": repeats,
+            "new_root": switch,
+            "queries_seen": seq + 1,
+        }
+
+    def _retitle(self, a: AlertChange) -> AlertChange:
+        ev = a.evidence
+        inversion = ev.get("kind") == "inversion"
+        what = "model-inversion probing" if inversion else "membership-inference probing"
+        shown = a.entity if len(a.entity) <= 12 else a.entity[:8] + "…"
+        summary = (
+            f"api key {a.entity} on {a.model_id}: {', '.join(ev.get('signals', []))} after "
+            f"{ev.get('queries_before', '?')} queries ({ev.get('perturbation_clusters', 0)} "
+            f"clusters of {self.cluster_size}+ perturbations, {ev.get('perturbed_records', 0)} "
+            f"perturbed records, longest run {ev.get('run', 0)} steps, "
+            f"{ev.get('exact_repeats', 0)} exact repeats); {a.event_count} flagged queries."
+        )
+        return dataclasses.replace(
+            a, title=f"Privacy probing: {what} by api key {shown}", summary=summary
+        )
+
+
+def _links(
+    cols: dict[str, npt.NDArray[Any]], g: Geometry, r: I64, s: I64, seq: I64, seq0: I64,
+    seg0: I64, seg_id: I64, starts: I64,
+) -> dict[str, npt.NDArray[Any]]:  # fmt: skip
+    """Each row's link to one of its key's previous ``RING`` queries and the root of its chain.
+
+    Pool: the ring entries of the batch's keys, then the batch rows (sorted by key). A query
+    ``t`` of a key is ring entry ``t % RING`` when it came before the batch, else its row."""
+    m, nseg = r.size, starts.size
+    base = nseg * RING
+    own = s[starts]
+    q = g.q[r]
+    pool_q = np.concatenate([cols["ring_q"][own].reshape(base, -1), q])
+    pool_h = np.concatenate([cols["ring_h"][own].reshape(-1), g.h[r]])
+    pool_fp = np.concatenate([cols["ring_fp"][own].reshape(-1), g.fp[r]])
+    pool_m = np.concatenate([cols["ring_m"][own].reshape(-1), g.m[r]])
+    t = seq[:, None] - RING + np.arange(RING)[None, :]
+    ok = t >= 0
+    idx = np.where(t < seq0[:, None], seg_id[:, None] * RING + t % RING,
+                   base + seg0[:, None] + t - seq0[:, None])  # fmt: skip
+    idx[~ok] = 0
+    ok &= pool_m[idx] == g.m[r][:, None]
+    diff = pool_q[idx].astype(np.int32) - q.astype(np.int32)[:, None, :]
+    d2 = (diff * diff).sum(axis=2)
+    exact = ok & (d2 == 0) & (pool_h[idx] == g.h[r][:, None]) & (pool_fp[idx] == g.fp[r][:, None])
+    repeat = exact.any(axis=1)
+    cand = ok & ~exact & (d2 <= (g.radius[r] ** 2)[:, None])
+    near = ~repeat & cand.any(axis=1)
+    j = np.where(repeat, np.argmax(exact, axis=1), np.argmin(np.where(cand, d2, _BIG), axis=1))
+    linked = repeat | near
+    parent = idx[np.arange(m), j]
+    changed = np.where(near, changed_features(g.fp[r], pool_fp[parent]), 0)
+    par = np.arange(base + m)
+    par[base + np.flatnonzero(linked)] = parent[linked]
+    while True:  # pointer jumping: every row's chain to a ring entry or an unlinked row
+        nxt = par[par]
+        if np.array_equal(nxt, par):
+            break
+        par = nxt
+    term = par[base:]
+    pool_root = np.concatenate([cols["ring_root"][own].reshape(-1), seq])
+    pool_rq = np.concatenate([cols["ring_rq"][own].reshape(base, -1), q])
+    pool_rp = np.concatenate([cols["ring_rp"][own].reshape(base, -1), g.p[r]])
+    return {"repeat": repeat, "near": near, "changed": changed, "root": pool_root[term],
+            "root_q": pool_rq[term], "root_p": pool_rp[term], "q": q}  # fmt: skip
+
+
+def _runs(
+    cols: dict[str, npt.NDArray[Any]], s: I64, seg_id: I64, pert: npt.NDArray[np.bool_],
+    root: I64, root_q: npt.NDArray[np.int8], root_p: npt.NDArray[np.uint8], q: npt.NDArray[np.int8],
+    join2: F64,
+) -> dict[str, npt.NDArray[Any]]:  # fmt: skip
+    """Per perturbation: perturbations in its run, whether it starts a run, and the run's
+    origin (projection and probabilities of the root it started at). A run ends when a
+    perturbation has another root than the previous perturbation and lies farther than the
+    join radius from it: a new record, not a walk whose chain broke and resumed nearby."""
+    m = pert.size
+    run = np.zeros(m, np.int64)
+    switch = np.zeros(m, bool)
+    oq, op = root_q.copy(), root_p.copy()
+    p = np.flatnonzero(pert)
+    if p.size == 0:
+        return {"run": run, "switch": switch, "origin_q": oq, "origin_p": op}
+    sp = s[p]
+    ps = seg_id[p]
+    first = np.ones(p.size, bool)
+    first[1:] = ps[1:] != ps[:-1]
+    prev_root = np.where(first, cols["last_root"][sp], np.roll(root[p], 1))
+    prev_q = np.where(first[:, None], cols["last_pq"][sp], np.roll(q[p], 1, axis=0))
+    d = prev_q.astype(np.int32) - q[p].astype(np.int32)
+    far = (d * d).sum(axis=1) > join2[p]
+    sw = (root[p] != prev_root) & (far | (cols["last_root"][sp] < 0) & first)
+    c = np.arange(p.size)
+    seg_start = np.maximum.accumulate(np.where(first, c, 0))
+    last_sw = np.maximum.accumulate(np.where(sw, c, -1))
+    inside = last_sw >= seg_start
+    run[p] = np.where(inside, c - last_sw + 1, cols["run"][sp] + c - seg_start + 1)
+    src = p[np.maximum(last_sw, 0)]
+    oq[p] = np.where(inside[:, None], root_q[src], cols["run_q"][sp])
+    op[p] = np.where(inside[:, None], root_p[src], cols["run_p"][sp])
+    switch[p] = sw
+    return {"run": run, "switch": switch, "origin_q": oq, "origin_p": op}
