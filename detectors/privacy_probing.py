@@ -1,58 +1,71 @@
 """``privacy.query_probing``: membership-inference (AML.T0024.000, OWASP ML04) and model-inversion
 (AML.T0024.001, OWASP ML03) probing seen in the sequence of one api key's queries.
 
-Design. Each query of a model with a reference is reduced by part 1's sketch
-(:mod:`detectors.query_sketch`) and :mod:`detectors.privacy_state` to an int8 projection, an
-exact hash, a feature fingerprint and its answer's class probabilities. It is compared with the
-key's last ``RING`` (8) queries of the same model: an exact repeat **links** to the query it
-repeats; otherwise it links to the nearest one within the model's link radius (half the 0.1%
-quantile of a natural query's distance to the nearest of 8 natural ones: steps far smaller than
-between honest queries), and is then a **near** query. Links form chains; every query carries
-the **root** its chain started at (resolved for a whole batch by pointer jumping), with that
-root's projection and class probabilities. A near query whose fingerprint says that at least
-``min(5, max(2, d // 2))`` features moved is a **perturbation**: noise on every feature, not a
-what-if edit of one or two fields or a re-scored record. Per key:
+Design. Each query of a model with a reference is reduced (:mod:`detectors.privacy_state`) to an
+int8 projection of its robust scores (part 1's projection, :mod:`detectors.query_sketch`), part
+1's exact hash, a feature fingerprint and its answer's class probabilities, and compared with
+the key's last ``RING`` (8) queries of the same model. An exact repeat **links** to the query
+it repeats; any other query links to the nearest one within the model's link radius (half the
+0.1% quantile of a natural query's distance to the nearest of 8 natural ones: steps far smaller
+than between honest queries) and is then **near**. Links form chains, and every query carries
+the **root** its chain started at (pointer jumping over the batch). A near query whose
+fingerprint says that at least ``min(4, max(2, d // 3))`` of its ``d`` features moved is a
+**perturbation**: noise on every feature, not a what-if edit of one or two fields or a
+re-scored record. Consecutive perturbations of a key form a **run** until one has another root
+and lies beyond the join radius (closer than 99% of pairs of natural queries) from the previous
+one: a new record, rather than a walk whose chain broke and went on nearby. Per key:
 
-- ``run``: perturbations since the perturbations' root last changed (a record under probing
-  keeps one root: its perturbations link to it or to each other).
-- **perturbation clusters** (membership, Shokri 2017 / Choquette-Choo 2021): a cluster whose run
-  reaches 8, counted when that perturbation lies on the model's manifold (part 1's off-manifold
-  distance, computed only for perturbations). Fires at 3 such clusters within the key's last
-  129-256 non-repeat queries.
-- **perturbed records** (confidence-based membership with augmentations): clusters whose run
-  reaches 2, on-manifold. Fires at 12 in the window; more than any honest caller of our
-  population perturbs (a what-if explorer edits at most 11 records, and edits move one or two
-  fields).
+- **perturbation clusters** (membership: Shokri 2017's candidate records, Choquette-Choo 2021's
+  label-only noise robustness): runs reaching 8 perturbations, counted when that perturbation
+  lies on the model's manifold (part 1's off-manifold distance, computed for perturbations
+  only). Fires at 3 within the key's last 129-256 non-repeat queries (part 1's windows).
+- **perturbed records** (confidence-based membership with augmentations): runs reaching 2, on
+  the manifold; fires at 12 in the window. A what-if explorer of our population edits at most
+  11 records, and its edits move one or two fields, so they are not perturbations.
 - **confidence harvesting**: full score vectors in the key's current event-time hour at least
-  ``max(256, 8 x (its average hourly count before that hour + 1))`` while at least 4 perturbed
-  records are in the window. Volume alone is a batch-scoring job; it needs some perturbation.
-- **hill-climbing** (inversion, Fredrikson 2015; for label-only answers a BREP-MI-like walk,
-  Kahla 2022): a run of at least 48 perturbations under one root, that climbed (the answered
-  class's probability is 0.05 above the root's), or travelled (4 link radii from the root), or is
-  on a label-only model (no confidence to read: the long run of small steps is the signal).
+  ``max(256, 8 x (1 + its average hourly count before that hour))``, with at least 4 perturbed
+  records in the window: volume alone is a batch-scoring job.
+- **hill-climbing** (inversion: Fredrikson 2015; a BREP-MI-like walk on label-only answers,
+  Kahla 2022): a run of 48 perturbations. Reported as ``hill_climbing`` when some class's
+  probability rose 0.05 above the run's origin, the walk travelled 4 link radii, or the model
+  answers labels only, else as ``stalled_search`` (a search around one point); both are
+  AML.T0024.001: no honest caller of our population makes a run of even 20.
 
 Exact repeats (retries, re-scored records, fixtures) link chains but are never perturbations and
 do not move the window; they are counted in the evidence. Thresholds were fixed on development
-seed 1 of ``load-tests/eval_privacy.py``, never on its evaluation seeds.
+seed 1 of ``load-tests/eval_privacy.py`` before its evaluation seeds were run.
 
 Entities: api keys only. A chain needs one caller's consecutive queries: on a client IP (a NAT
-of hundreds of callers, per partition) the ring of 8 fills with other callers' queries and the
-chains break, so address state would cost as much as key state and see less. An attacker who
-rotates keys per handful of queries is not seen here; that needs a re-keyed fingerprint stream
-(DESIGN.md section 2). Findings for every flagged query; one alert per key episode (closed after
-``close_after_s`` without a flagged query), through part 1's episode machinery.
+of hundreds of callers, kept per partition) the ring of 8 fills with other callers' queries and
+the chains break, so address state would cost as much as key state and see little. An attacker
+who rotates keys every few queries is not seen here; that needs a re-keyed fingerprint stream
+(DESIGN.md section 2). A finding for every flagged query; one alert per key episode (closed
+``close_after_s`` after its last flagged query), through part 1's episode machinery, re-titled.
 
-State per key: a ring of 8 queries (projection, root projection, hashes, fingerprint, model,
-root, root probabilities: 44 B each, 352 B), window counts, the run, the harvesting hour and the
-open episode: 464 bytes, fixed width.
+State per key, fixed width: a ring of 8 queries (projection, exact hash, fingerprint, model,
+root, root projection, root probabilities: 44 B each, 352 B), the run and its origin, window
+counts, the harvesting hour and the open episode: 536 bytes.
 
->>> import functools
->>> from streams.sim_callers import World
->>> det = QueryProbing()
->>> det.atlas, det.owasp
-(('AML.T0024.000', 'AML.T0024.001'), ('ML04', 'ML03'))
->>> det.tables["api_key"].cols.dtype.itemsize
-464
+A prober asking about records and their perturbations is alerted; its honest neighbour is not:
+
+>>> from detectors.base import DetectorInput, KeySpace
+>>> from detectors.reference_store import ReferenceStore
+>>> from detectors.routing import FeatureIndex, route
+>>> from streams.sim_callers import START_MS, Traffic, World
+>>> from streams.sim_privacy import attack_queries, label_only_batch
+>>> w, rng, tr = World(), np.random.default_rng(0), Traffic()
+>>> honest = w.natural(2, rng, 3_000)
+>>> tr.add(START_MS + np.arange(3_000) * 10, "key_honest", ["10.0.0.1"], 2, honest)
+>>> probes = attack_queries("shadow", w, 2, rng)[:150]
+>>> tr.add(START_MS + 40_000 + np.arange(150) * 300, "key_prober", ["10.0.0.2"], 2, probes)
+>>> cols = tr.merged()
+>>> b = label_only_batch(cols, w, 0, cols["ts"].size)
+>>> store, ks, views = ReferenceStore(max_caller_share=1.0), KeySpace(), route(b, FeatureIndex())
+>>> _ = store.update(b, views)
+>>> slots = {"api_key": ks["api_key"].lookup(b.api_key_id, b.ts_ms, b.partition)}
+>>> out = QueryProbing().update(DetectorInput(b, slots, ks, 0, views, store.frozen()))
+>>> [(a.entity, a.evidence["atlas"], a.evidence["signals"]) for a in out.alerts]
+[('key_prober', ['AML.T0024.000'], ['perturbation_clusters'])]
 """
 
 from __future__ import annotations
@@ -89,6 +102,7 @@ from detectors.privacy_state import (
     RING,
     Calibration,
     Geometry,
+    Scaler,
     Table,
     batch_geometry,
     changed_features,
@@ -101,7 +115,6 @@ from detectors.registry import register
 HOUR_MS = 3_600_000
 MEMBERSHIP = "AML.T0024.000"
 INVERSION = "AML.T0024.001"
-_BIG = np.iinfo(np.int32).max
 
 
 @register("privacy.query_probing")
@@ -151,7 +164,8 @@ class QueryProbing(Episodes, DetectorBase):
             if sk is not None:
                 d = len(sk.feature_names)
                 tag = zlib.crc32(f"{key[0]}\x00{key[1]}".encode())
-                cal = Calibration(sk, *radii(sk, ref), min(4, max(2, d // 3)), tag)
+                sc = Scaler.of(sk, ref)
+                cal = Calibration(sk, sc, *radii(sc, ref), min(4, max(2, d // 3)), tag)
             got = self._cal[key] = (ref, cal)
         return got[1]
 
@@ -221,11 +235,11 @@ class QueryProbing(Episodes, DetectorBase):
         hv = self._harvest(cols, batch, g, r, s, seg0, seg_id)
         diff = ln["q"].astype(np.int32) - rs["origin_q"].astype(np.int32)
         disp = np.sqrt((diff * diff).sum(axis=1)) / g.radius[r]
-        top = np.argmax(g.p[r], axis=1)
-        p_top = g.p[r][np.arange(m), top].astype(np.float64)
-        gain = (p_top - rs["origin_p"][np.arange(m), top]) / 255
+        # the class that climbed most since the run's origin (a walk towards a rare class
+        # leaves the common one on top while the rare one's probability rises)
+        gain = (g.p[r].astype(np.int16) - rs["origin_p"]).max(axis=1) / 255
         climbed = g.label_only[r] | (gain >= self.climb_gain) | (disp >= self.climb_radii)
-        long = pert & (run >= self.climb_run) & climbed
+        long = pert & (run >= self.climb_run)
         vol_ok = g.scored[r] & (counts[:, 1] >= self.harvest_records)
         ratios = np.stack(
             [
@@ -272,7 +286,8 @@ class QueryProbing(Episodes, DetectorBase):
         evidence = [
             self._evidence(hit[i], counts[i], int(n_w[i]), int(run[i]), float(disp[i]),
                            float(gain[i]) if not g.label_only[r[i]] else None,
-                           hv, i, int(repeats0[i]), int(seq[i]), bool(switch[i]))
+                           hv, i, int(repeats0[i]), int(seq[i]), bool(switch[i]),
+                           bool(climbed[i]))
             for i in idx.tolist()
         ]  # fmt: skip
         self._episodes("api_key", table, batch, r[idx], s[idx], score, evidence, alerts)  # type: ignore[arg-type]
@@ -307,10 +322,10 @@ class QueryProbing(Episodes, DetectorBase):
     def _evidence(
         self, hit: npt.NDArray[np.bool_], c: npt.NDArray[np.int32], n_w: int, run: int,
         disp: float, gain: float | None, hv: dict[str, npt.NDArray[Any]], i: int, repeats: int,
-        seq: int, switch: bool,
+        seq: int, switch: bool, climbed: bool,
     ) -> dict[str, Any]:  # fmt: skip
         names = ("perturbation_clusters", "perturbed_records", "confidence_harvesting",
-                 "hill_climbing")  # fmt: skip
+                 "hill_climbing" if climbed else "stalled_search")  # fmt: skip
         signals = [n for n, h in zip(names, hit.tolist(), strict=True) if h]
         inversion = bool(hit[3])
         membership = bool(hit[0] or hit[1] or hit[2])
@@ -364,34 +379,48 @@ def _links(
     """Each row's link to one of its key's previous ``RING`` queries and the root of its chain.
 
     Pool: the ring entries of the batch's keys, then the batch rows (sorted by key). A query
-    ``t`` of a key is ring entry ``t % RING`` when it came before the batch, else its row."""
+    ``t`` of a key is ring entry ``t % RING`` when it came before the batch, else its row. The
+    distances are dense (m x RING); everything after them runs on the few pairs within the link
+    radius."""
     m, nseg = r.size, starts.size
     base = nseg * RING
     own = s[starts]
     q = g.q[r]
     pool_q = np.concatenate([cols["ring_q"][own].reshape(base, -1), q])
+    t = seq[:, None] - RING + np.arange(RING)[None, :]
+    rel = t - seq0[:, None]
+    idx = np.where(rel < 0, seg_id[:, None] * RING + (t & (RING - 1)), base + seg0[:, None] + rel)
+    idx[t < 0] = 0
+    pool_f = pool_q.astype(np.float32)
+    d2 = np.zeros((m, RING), np.float32)
+    for c in range(pool_f.shape[1]):  # one coordinate at a time: no (m, RING, 8) temporary
+        dk = pool_f[:, c][idx] - pool_f[base:, c : c + 1]
+        d2 += dk * dk
+    d2[t < 0] = np.inf
+    fi = np.flatnonzero(d2 <= (g.radius[r] ** 2)[:, None].astype(np.float32))
+    row, k = fi // RING, fi % RING
+    pidx = idx.ravel()[fi]
+    pool_m = np.concatenate([cols["ring_m"][own].reshape(-1), g.m[r]])
+    same = pool_m[pidx] == g.m[r][row]
+    row, k, pidx, dd = row[same], k[same], pidx[same], d2.ravel()[fi[same]]
     pool_h = np.concatenate([cols["ring_h"][own].reshape(-1), g.h[r]])
     pool_fp = np.concatenate([cols["ring_fp"][own].reshape(-1), g.fp[r]])
-    pool_m = np.concatenate([cols["ring_m"][own].reshape(-1), g.m[r]])
-    t = seq[:, None] - RING + np.arange(RING)[None, :]
-    ok = t >= 0
-    idx = np.where(t < seq0[:, None], seg_id[:, None] * RING + t % RING,
-                   base + seg0[:, None] + t - seq0[:, None])  # fmt: skip
-    idx[~ok] = 0
-    ok &= pool_m[idx] == g.m[r][:, None]
-    diff = pool_q[idx].astype(np.int32) - q.astype(np.int32)[:, None, :]
-    d2 = (diff * diff).sum(axis=2)
-    exact = ok & (d2 == 0) & (pool_h[idx] == g.h[r][:, None]) & (pool_fp[idx] == g.fp[r][:, None])
-    repeat = exact.any(axis=1)
-    cand = ok & ~exact & (d2 <= (g.radius[r] ** 2)[:, None])
-    near = ~repeat & cand.any(axis=1)
-    j = np.where(repeat, np.argmax(exact, axis=1), np.argmin(np.where(cand, d2, _BIG), axis=1))
-    linked = repeat | near
-    parent = idx[np.arange(m), j]
-    changed = np.where(near, changed_features(g.fp[r], pool_fp[parent]), 0)
+    exact = (dd == 0) & (pool_h[pidx] == g.h[r][row]) & (pool_fp[pidx] == g.fp[r][row])
+    # the oldest exact match, else the nearest other query (the oldest among equals)
+    key = np.where(exact, 0.0, 1.0 + dd.astype(np.float64)) * (2 * RING) + k
+    best = np.full(m, np.inf)
+    np.minimum.at(best, row, key)
+    linked = np.isfinite(best)
+    repeat = linked & (best < 2 * RING)
+    near = linked & ~repeat
+    bk = np.where(linked, best, 0).astype(np.int64) % (2 * RING)
+    parent = idx[np.arange(m), bk]
+    changed = np.zeros(m, np.int64)
+    changed[near] = changed_features(g.fp[r][near], pool_fp[parent[near]])
     par = np.arange(base + m)
-    par[base + np.flatnonzero(linked)] = parent[linked]
-    while True:  # pointer jumping: every row's chain to a ring entry or an unlinked row
+    li = np.flatnonzero(linked)
+    par[base + li] = parent[li]
+    while li.size:  # pointer jumping: every row's chain to a ring entry or an unlinked row
         nxt = par[par]
         if np.array_equal(nxt, par):
             break
