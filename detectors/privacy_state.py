@@ -158,7 +158,8 @@ class Scaler:
         return cls(med, 1.0 / scale, sketch.projection * Q_SCALE)
 
     def project(self, x: F64) -> npt.NDArray[np.int8]:
-        u = (x - self.centre) * self.inv_scale
+        with np.errstate(over="ignore", invalid="ignore"):  # 1e308, inf: clipped to +-5
+            u = (x - self.centre) * self.inv_scale
         np.clip(u, -5.0, 5.0, out=u)
         u[np.isnan(u)] = 0.0
         y = np.rint(np.einsum("ij,jk->ik", u, self.projection))
@@ -249,8 +250,13 @@ def batch_geometry(
             g.radius[rows] = cal.radius
             g.join[rows] = cal.join
             g.min_changed[rows] = cal.min_changed
+            # a label the reference has but no answer of this model carried yet: NaN
             at = {s: i for i, s in enumerate(view.score_labels)}
-            scores = view.scores[sel][:, [at[s] for s in sk.score_labels]]
+            have = view.scores[sel]
+            scores = np.full((have.shape[0], len(sk.score_labels)), np.nan)
+            for j, label in enumerate(sk.score_labels):
+                if label in at:
+                    scores[:, j] = have[:, at[label]]
             g.p[rows] = probabilities(scores, sk.score_type)
             g.scored[rows] = (scores.shape[1] >= 2) & np.isfinite(scores).all(axis=1)
             g.label_only[rows] = sk.score_type == "label_only"
