@@ -4,18 +4,20 @@
 Per query: an int8 projection (part 1's Gaussian projection of the model's sketch,
 :mod:`detectors.query_sketch`, to 8 dimensions, 16 units per standard deviation) of its
 **robust scores** (each feature minus the reference's median, over its interquartile range /
-1.349, clipped to +-5; missing values 0) — not part 1's normal scores, whose 16 interpolations
+1.349, clipped to +-5; missing values 0) -- not part 1's normal scores, whose 16 interpolations
 per query cost about 1 µs alone, and which make a query that steps off a point mass of a
-feature jump as far as two unrelated records; the exact hash of its raw values (part 1's); and
-two things of its own: a 64-bit
-**feature fingerprint** (two hash bits per feature, features past 32 folded), so that the number
-of features that differ between two queries can be estimated without keeping them, and the
-answer as **class probabilities** quantised to a byte (softmax of logits; none for label-only
-answers). The link radius of a model is calibrated on its reference: half the 0.1% quantile of a
-natural query's distance to the nearest of the previous ``RING`` natural queries. Part 1's
-off-manifold distance (normal scores to 256 reference anchors) is computed only for the few
-queries that are perturbations. No matrix product goes through BLAS: on a shared 2-core machine
-its threads turn a 10,000 x 16 x 8 product from 0.03 into 0.8 µs per row.
+feature jump as far as two unrelated records; the exact hash of its raw values (part 1's); a
+64-bit **feature fingerprint** (two hash bits per feature, features past 32 folded), so that
+the number of features that differ between two queries can be estimated without keeping them;
+and the answer as **class probabilities** quantised to a byte (softmax of logits; none for
+label-only answers).
+
+Calibrated per model version on its reference: the link radius (half the 0.1% quantile of a
+natural query's distance to the nearest of ``RING`` others) and the join radius (the 1% quantile
+of the distance between two natural queries). Part 1's off-manifold distance (normal scores to
+256 reference anchors) is computed only for the few queries that are perturbations. No matrix
+product goes through BLAS: on a shared 2-core machine its threads turn a 10,000 x 16 x 8
+product from 0.03 into 0.8 µs per row.
 """
 
 from __future__ import annotations
