@@ -406,3 +406,18 @@ def test_privacy_probing_naive_reference_sees_signals() -> None:
     got = normalise(r.log, NAME)
     assert got.findings == naive.normal().findings
     assert {label for _, label, _ in got.findings} == {"membership_probe", "inversion_probe"}
+
+
+def test_privacy_probing_harvesting_needs_volume_and_perturbed_records() -> None:
+    """With the cluster and record signals out of reach, a confidence prober is still alerted
+    for harvesting full score vectors above its own history; a batch-scoring job of the same
+    volume, with no perturbations, is not."""
+    det = QueryProbing(clusters=10_000, records=10_000)
+    tr, attacker = attack_stream("confidence", 0, 600)
+    w, rng = world(), np.random.default_rng(2)
+    tr.add(START_MS + 60_000 + np.arange(2_000) * 50, "key_batch", ["10.9.9.9"], 0,
+           w.natural(0, rng, 2_000))  # fmt: skip
+    found = firing(run(batches(tr), det))
+    assert {a.entity for a in found} == {attacker}
+    assert found[0].evidence["signals"] == ["confidence_harvesting"]
+    assert found[0].evidence["hour_full_scores"] >= found[0].evidence["hour_threshold"]
