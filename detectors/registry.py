@@ -29,6 +29,7 @@ def _load_builtin() -> None:
     # Importing the modules registers them; one public detector per module.
     import detectors.drift
     import detectors.extraction
+    import detectors.privacy_probing
     import detectors.psi
     import detectors.rate_spike
     import detectors.silent_source  # noqa: F401
