@@ -32,7 +32,7 @@ import numpy.typing as npt
 from detectors.base import DetectorInput, KeyedColumns
 from detectors.episodes import NONE
 from detectors.extraction_state import Episode
-from detectors.query_sketch import PROJ_DIM, Q_SCALE, ModelSketch, exact_hash
+from detectors.query_sketch import PROJ_DIM, Q_SCALE, ModelSketch, exact_hash, reference_scores
 from detectors.reference import Reference
 
 F64 = npt.NDArray[np.float64]
@@ -220,7 +220,7 @@ class Geometry:
             hit = (pos < brows.size) & (brows[np.minimum(pos, brows.size - 1)] == rows)
             if hit.any():
                 z = sk.normal_scores(x[pos[hit]])
-                out[hit] = sk.off_distance(z) <= sk.off_threshold
+                out[hit] = ~sk.off_manifold(z)
         return out
 
 
@@ -252,13 +252,7 @@ def batch_geometry(
             g.radius[rows] = cal.radius
             g.join[rows] = cal.join
             g.min_changed[rows] = cal.min_changed
-            # a label the reference has but no answer of this model carried yet: NaN
-            at = {s: i for i, s in enumerate(view.score_labels)}
-            have = view.scores[sel]
-            scores = np.full((have.shape[0], len(sk.score_labels)), np.nan)
-            for j, label in enumerate(sk.score_labels):
-                if label in at:
-                    scores[:, j] = have[:, at[label]]
+            scores = reference_scores(view.scores[sel], view.score_labels, sk.score_labels)
             g.p[rows] = probabilities(scores, sk.score_type)
             g.scored[rows] = (scores.shape[1] >= 2) & np.isfinite(scores).all(axis=1)
             g.label_only[rows] = sk.score_type == "label_only"

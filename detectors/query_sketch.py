@@ -300,6 +300,20 @@ class Queries:
         self.h_prior = np.zeros(n)
 
 
+def reference_scores(
+    scores: F64, labels: tuple[str, ...], reference_labels: tuple[str, ...]
+) -> F64:
+    """The batch's answer scores in the reference's label order; a label the reference has but
+    no answer of this batch carried reads as NaN (one dict, not a lookup per label)."""
+    at = {s: i for i, s in enumerate(labels)}
+    out: F64 = np.full((scores.shape[0], len(reference_labels)), np.nan)
+    for j, label in enumerate(reference_labels):
+        i = at.get(label)
+        if i is not None:
+            out[:, j] = scores[:, i]
+    return out
+
+
 def batch_queries(
     batch: DetectorInput,
     sketch_of: Callable[[tuple[str, str], Reference], ModelSketch | None],
@@ -325,9 +339,7 @@ def batch_queries(
             out.q[rows] = sk.project(z)
             out.h[rows] = exact_hash(x)
             out.off[rows] = sk.off_manifold(z)
-            at = {s: i for i, s in enumerate(view.score_labels)}  # a lookup per label: quadratic
-            cols = [at[s] for s in sk.score_labels]
-            scores = view.scores[sel][:, cols]
+            scores = reference_scores(view.scores[sel], view.score_labels, sk.score_labels)
             with np.errstate(invalid="ignore"):
                 out.low[rows] = margins(scores, sk.score_type) < sk.margin_low
             out.bucket[rows] = class_buckets(scores)

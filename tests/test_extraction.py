@@ -208,6 +208,16 @@ def test_extraction_open_episode_moves_with_its_key() -> None:
     assert all(v[5] for v in want.values()), "sample event ids come back with the episode"
 
 
+def test_extraction_answers_without_scores_are_judged_without_a_crash() -> None:
+    """A batch whose answers carry none of the reference's score labels (label-only answers
+    from a model whose reference had scores): the labels read as missing, the geometry counts."""
+    tr, key = attack_stream("boundary", 0, 400)
+    bare = [
+        dataclasses.replace(b, score_labels=(), scores=np.zeros((b.n, 0))) for b in batches(tr)
+    ]
+    assert key in alerted(run(bare))
+
+
 def test_extraction_empty_batch_is_a_no_op() -> None:
     r = run(list(mixed())[:3])
     empty = mixed()[0].take(np.zeros(0, np.int64))
