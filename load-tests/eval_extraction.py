@@ -59,23 +59,23 @@ def warmup(world: World, seed: int) -> dict[str, Any]:
     return tr.merged()
 
 
-def run_seed(seed: int, callers: int) -> dict[str, object]:
-    world = World()
-    tr, keys, nats = benign(world, seed, callers)
-    instances = inject(world, tr, seed, nats)
-    cols = tr.merged()
+def replay(
+    det: Any, world: World, seed: int, cols: dict[str, Any], make_batch: Any = to_batch
+) -> tuple[list[AlertChange], float, float]:
+    """The references from the warm-up hour, then ``cols`` through routing, the reference
+    store and ``det`` in batches; the firing alerts, wall seconds and detector seconds."""
     n = cols["ts"].size
-    det, ks, index, refs = QueryPattern(), KeySpace(), FeatureIndex(), ReferenceStore()
+    ks, index, refs = KeySpace(), FeatureIndex(), ReferenceStore()
     warm = warmup(world, seed)
     for a in range(0, warm["ts"].size, BATCH):
-        wb = to_batch(warm, world, a, min(a + BATCH, warm["ts"].size))
+        wb = make_batch(warm, world, a, min(a + BATCH, warm["ts"].size))
         refs.update(wb, route(wb, index))
     alerts: list[AlertChange] = []
     t0 = time.perf_counter()
     det_s = 0.0
     for a in range(0, n, BATCH):
         b = min(a + BATCH, n)
-        batch = to_batch(cols, world, a, b)
+        batch = make_batch(cols, world, a, b)
         slots = {
             et: ks[et].lookup(entity_keys(batch, et), batch.ts_ms, batch.partition)
             for et in det.entity_types
@@ -87,8 +87,15 @@ def run_seed(seed: int, callers: int) -> dict[str, object]:
         out = out + det.advance(int(batch.ts_ms.max()) - 60_000)
         det_s += time.perf_counter() - t1
         alerts.extend(x for x in out.alerts if x.status == "firing")
-    out = det.advance(int(cols["ts"].max()) + 10 * 3_600_000)
-    wall = time.perf_counter() - t0
+    det.advance(int(cols["ts"].max()) + 10 * 3_600_000)
+    return alerts, time.perf_counter() - t0, det_s
+
+
+def linked_callers(
+    alerts: list[AlertChange], cols: dict[str, Any]
+) -> tuple[int, dict[str, int], dict[str, set[str]]]:
+    """Episodes, and per api key the earliest alert that links to it (its own key's, or an
+    address's or session's it used during the alert's episode) and the entity types linking."""
     first: dict[tuple[str, str, int], tuple[int, int, int]] = {}
     for x in alerts:
         k = (x.entity_type, x.entity, x.episode_start_ms)
@@ -107,6 +114,17 @@ def run_seed(seed: int, callers: int) -> dict[str, object]:
         for caller in who:
             linked[caller] = min(linked.get(caller, crossing), crossing)
             via[caller].add(et)
+    return len(first), linked, via
+
+
+def run_seed(seed: int, callers: int) -> dict[str, object]:
+    world = World()
+    tr, keys, nats = benign(world, seed, callers)
+    instances = inject(world, tr, seed, nats)
+    cols = tr.merged()
+    alerts, wall, det_s = replay(QueryPattern(), world, seed, cols)
+    episodes, linked, via = linked_callers(alerts, cols)
+    ts, n = cols["ts"].astype(np.int64), cols["ts"].size
     rows = []
     tag = cols["tag"]
     for inst in instances:
@@ -117,7 +135,7 @@ def run_seed(seed: int, callers: int) -> dict[str, object]:
     flagged = sorted(k for k in keys if k in linked)
     why = [f"{tr.kinds.get(k, '?')} via {'+'.join(sorted(via[k]))}" for k in flagged]
     return {"rows": rows, "flagged": flagged, "why": why, "benign": len(keys), "events": n,
-            "wall_s": wall, "det_s": det_s, "alerts": len(first)}  # fmt: skip
+            "wall_s": wall, "det_s": det_s, "alerts": episodes}  # fmt: skip
 
 
 def main() -> None:

@@ -15,22 +15,19 @@ attacker (count of the attack's own queries up to the alert's ``ts``, and that c
 of the attack's queries). Benign callers flagged: a caller counts when any alert links to it:
 an alert on its api key, or on a client IP or session it used between the alert's first and
 last seen (so an address alert on a NAT flags every caller behind it). References are built
-from a benign warm-up hour before the evaluated day (see ``warmup``): reference poisoning is a
-separate question (the reference store caps each caller at 5%). The bound is the
-one-sided 95% Clopper-Pearson upper bound. Seed 1 was the development seed; the thresholds
-were fixed before the default seeds (11 12 13) and the fresh seeds (21 22 23) were first run.
-An instance also counts as "right id" when the first alert on its key carries its ATLAS id.
-"""
+from a benign warm-up hour before the evaluated day (see ``eval_extraction.warmup``): reference
+poisoning is a separate question (the reference store caps each caller at 5%). The bound is the
+one-sided 95% Clopper-Pearson upper bound. Seed 1 was the development seed; the thresholds were
+fixed before the default seeds (11 12 13) and the fresh seeds (21 22 23) were first run. An
+instance also counts as "right id" when the first alert on its key carries its ATLAS id."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -38,30 +35,11 @@ from scipy import stats
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from detectors.base import AlertChange, DetectorInput, KeySpace, entity_keys  # noqa: E402
+from eval_extraction import linked_callers, replay  # noqa: E402
+
 from detectors.privacy_probing import QueryProbing  # noqa: E402
-from detectors.reference_store import ReferenceStore  # noqa: E402
-from detectors.routing import FeatureIndex, route  # noqa: E402
-from streams.sim_callers import MODELS, START_MS, Traffic, World, benign  # noqa: E402
+from streams.sim_callers import MODELS, World, benign  # noqa: E402
 from streams.sim_privacy import ATLAS, inject, label_only_batch  # noqa: E402
-
-BATCH = 10_000
-
-
-def warmup(world: World, seed: int) -> dict[str, Any]:
-    """The hour before the evaluated day: 500 other benign callers, 3,000 queries per model,
-    from which the references are built (as they would be at deployment)."""
-    rng = np.random.default_rng([seed, 0x3A4])
-    tr = Traffic()
-    for m in range(3):
-        x = world.natural(m, rng, 3_000)
-        who = rng.integers(0, 500, 3_000)
-        ts = np.sort(START_MS - 3_600_000 + rng.integers(0, 3_600_000, 3_000))
-        for k in range(500):
-            sel = who == k
-            if sel.any():
-                tr.add(ts[sel], f"warm{k}", ["10.0.0.1"], m, x[sel])
-    return tr.merged()
 
 
 def run_seed(seed: int, callers: int) -> dict[str, object]:
@@ -69,49 +47,9 @@ def run_seed(seed: int, callers: int) -> dict[str, object]:
     tr, keys, nats = benign(world, seed, callers)
     instances = inject(world, tr, seed, nats)
     cols = tr.merged()
-    n = cols["ts"].size
-    det, ks, index, refs = QueryProbing(), KeySpace(), FeatureIndex(), ReferenceStore()
-    warm = warmup(world, seed)
-    for a in range(0, warm["ts"].size, BATCH):
-        wb = label_only_batch(warm, world, a, min(a + BATCH, warm["ts"].size))
-        refs.update(wb, route(wb, index))
-    alerts: list[AlertChange] = []
-    t0 = time.perf_counter()
-    det_s = 0.0
-    for a in range(0, n, BATCH):
-        b = min(a + BATCH, n)
-        batch = label_only_batch(cols, world, a, b)
-        slots = {
-            et: ks[et].lookup(entity_keys(batch, et), batch.ts_ms, batch.partition)
-            for et in det.entity_types
-        }
-        views = route(batch, index)
-        refs.update(batch, views)
-        t1 = time.perf_counter()
-        out = det.update(DetectorInput(batch, slots, ks, 0, views, refs.frozen()))
-        out = out + det.advance(int(batch.ts_ms.max()) - 60_000)
-        det_s += time.perf_counter() - t1
-        alerts.extend(x for x in out.alerts if x.status == "firing")
-    out = det.advance(int(cols["ts"].max()) + 10 * 3_600_000)
-    wall = time.perf_counter() - t0
-    first: dict[tuple[str, str, int], tuple[int, int, int]] = {}
-    for x in alerts:
-        k = (x.entity_type, x.entity, x.episode_start_ms)
-        c0, lo, hi = first.get(k, (x.ts_ms, x.first_seen_ms, x.last_seen_ms))
-        first[k] = (min(c0, x.ts_ms), min(lo, x.first_seen_ms), max(x.last_seen_ms, hi))
-    ts, key = cols["ts"].astype(np.int64), cols["key"]
-    linked: dict[str, int] = {}  # api key -> earliest alert ts linking to it
-    via: dict[str, set[str]] = defaultdict(set)  # api key -> entity types of linking alerts
-    for (et, ent, _), (crossing, lo, hi) in first.items():
-        if et == "api_key":
-            who = [ent]
-        else:
-            col = cols["ip"] if et == "client_ip" else cols["session"]
-            inside = (col == ent) & (ts >= lo) & (ts <= hi)
-            who = sorted(set(key[inside].tolist()))
-        for caller in who:
-            linked[caller] = min(linked.get(caller, crossing), crossing)
-            via[caller].add(et)
+    alerts, wall, det_s = replay(QueryProbing(), world, seed, cols, label_only_batch)
+    episodes, linked, via = linked_callers(alerts, cols)
+    ts, n = cols["ts"].astype(np.int64), cols["ts"].size
     first_atlas: dict[str, tuple[int, list[str]]] = {}  # api key -> ATLAS ids of its first alert
     for x in alerts:
         if x.entity_type == "api_key" and (x.entity not in first_atlas
@@ -128,7 +66,7 @@ def run_seed(seed: int, callers: int) -> dict[str, object]:
     flagged = sorted(k for k in keys if k in linked)
     why = [f"{tr.kinds.get(k, '?')} via {'+'.join(sorted(via[k]))}" for k in flagged]
     return {"rows": rows, "flagged": flagged, "why": why, "benign": len(keys), "events": n,
-            "wall_s": wall, "det_s": det_s, "alerts": len(first)}  # fmt: skip
+            "wall_s": wall, "det_s": det_s, "alerts": episodes}  # fmt: skip
 
 
 def main() -> None:

@@ -12,51 +12,30 @@ from typing import Any
 
 import numpy as np
 import pytest
+import sim_fixtures
 from conformance import Normal, Runner, normalise, through_store
 from scipy import stats
+from sim_fixtures import world
 
 from detectors.base import KeySpace, Snapshot
 from detectors.extraction import EXPLAIN_MS, QueryPattern
 from detectors.extraction_state import BLOCK
 from detectors.query_sketch import DISTS, RING, shapiro_z
 from detectors.reference import Reference
-from detectors.reference_store import ReferenceStore
 from detectors.routing import FeatureIndex, route
 from schemas.batch import EventBatch
 from streams.sim_attacks import attack_queries
-from streams.sim_callers import START_MS, Traffic, World, benign, to_batch
+from streams.sim_callers import START_MS, Traffic, benign, to_batch
 
 NAME = "extraction.query_pattern"
 
 
-@functools.cache
-def world() -> World:
-    return World()
-
-
-@functools.cache
 def references() -> dict[tuple[str, str], Reference]:
-    """Built the worker's way from an hour of natural queries before the tests' streams."""
-    w, rng, tr = world(), np.random.default_rng(99), Traffic()
-    for m in range(3):
-        ts = np.sort(START_MS - 3_600_000 + rng.integers(0, 3_600_000, 2_400))
-        who = rng.integers(0, 200, ts.size)
-        x = w.natural(m, rng, ts.size)
-        for k in range(200):
-            sel = who == k
-            tr.add(ts[sel], f"warm{k}", ["10.0.0.1"], m, x[sel])
-    cols = tr.merged()
-    store, index = ReferenceStore(), FeatureIndex()
-    for a in range(0, cols["ts"].size, 4_000):
-        b = to_batch(cols, w, a, min(a + 4_000, cols["ts"].size))
-        store.update(b, route(b, index))
-    return store.frozen()
+    return sim_fixtures.references(to_batch)
 
 
 def batches(tr: Traffic, size: int = 2_000) -> list[EventBatch]:
-    cols = tr.merged()
-    n = cols["ts"].size
-    return [to_batch(cols, world(), a, min(a + size, n)) for a in range(0, n, size)]
+    return sim_fixtures.batches(tr, to_batch, size)
 
 
 def run(bs: list[EventBatch], det: QueryPattern | None = None) -> Runner:
@@ -212,9 +191,7 @@ def test_extraction_answers_without_scores_are_judged_without_a_crash() -> None:
     """A batch whose answers carry none of the reference's score labels (label-only answers
     from a model whose reference had scores): the labels read as missing, the geometry counts."""
     tr, key = attack_stream("boundary", 0, 400)
-    bare = [
-        dataclasses.replace(b, score_labels=(), scores=np.zeros((b.n, 0))) for b in batches(tr)
-    ]
+    bare = [dataclasses.replace(b, score_labels=(), scores=np.zeros((b.n, 0))) for b in batches(tr)]
     assert key in alerted(run(bare))
 
 

@@ -14,52 +14,31 @@ from typing import Any
 import conformance as cf
 import numpy as np
 import pytest
+import sim_fixtures
 from conformance import Normal, Runner, normalise, through_store
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sim_fixtures import world
 
 from detectors.base import DetectorInput, KeySpace
 from detectors.extraction_state import BLOCK
 from detectors.privacy_probing import HOUR_MS, QueryProbing
 from detectors.privacy_state import RING, changed_features
 from detectors.reference import Reference
-from detectors.reference_store import ReferenceStore
 from detectors.routing import FeatureIndex, route
 from schemas.batch import EventBatch
-from streams.sim_callers import START_MS, Traffic, World, benign
+from streams.sim_callers import START_MS, Traffic, benign
 from streams.sim_privacy import ATLAS, attack_queries, inversion_queries, label_only_batch
 
 NAME = "privacy.query_probing"
 
 
-@functools.cache
-def world() -> World:
-    return World()
-
-
-@functools.cache
 def references() -> dict[tuple[str, str], Reference]:
-    """Built the worker's way from an hour of natural queries before the tests' streams."""
-    w, rng, tr = world(), np.random.default_rng(99), Traffic()
-    for m in range(3):
-        ts = np.sort(START_MS - 3_600_000 + rng.integers(0, 3_600_000, 2_400))
-        who = rng.integers(0, 200, ts.size)
-        x = w.natural(m, rng, ts.size)
-        for k in range(200):
-            sel = who == k
-            tr.add(ts[sel], f"warm{k}", ["10.0.0.1"], m, x[sel])
-    cols = tr.merged()
-    store, index = ReferenceStore(), FeatureIndex()
-    for a in range(0, cols["ts"].size, 4_000):
-        b = label_only_batch(cols, w, a, min(a + 4_000, cols["ts"].size))
-        store.update(b, route(b, index))
-    return store.frozen()
+    return sim_fixtures.references(label_only_batch)
 
 
 def batches(tr: Traffic, size: int = 2_000) -> list[EventBatch]:
-    cols = tr.merged()
-    n = cols["ts"].size
-    return [label_only_batch(cols, world(), a, min(a + size, n)) for a in range(0, n, size)]
+    return sim_fixtures.batches(tr, label_only_batch, size)
 
 
 def run(bs: list[EventBatch], det: QueryProbing | None = None) -> Runner:

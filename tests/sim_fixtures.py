@@ -1,0 +1,48 @@
+"""Simulated worlds shared by the query-pattern detectors' tests: the models of
+``streams.sim_callers`` and their references, built the worker's way."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from detectors.reference import Reference
+from detectors.reference_store import ReferenceStore
+from detectors.routing import FeatureIndex, route
+from schemas.batch import EventBatch
+from streams.sim_callers import START_MS, Traffic, World
+
+MakeBatch = Callable[[dict[str, Any], World, int, int], EventBatch]
+
+
+@functools.cache
+def world() -> World:
+    return World()
+
+
+@functools.cache
+def references(make_batch: MakeBatch) -> dict[tuple[str, str], Reference]:
+    """From an hour of natural queries of 200 callers before the tests' streams."""
+    w, rng, tr = world(), np.random.default_rng(99), Traffic()
+    for m in range(3):
+        ts = np.sort(START_MS - 3_600_000 + rng.integers(0, 3_600_000, 2_400))
+        who = rng.integers(0, 200, ts.size)
+        x = w.natural(m, rng, ts.size)
+        for k in range(200):
+            sel = who == k
+            tr.add(ts[sel], f"warm{k}", ["10.0.0.1"], m, x[sel])
+    cols = tr.merged()
+    store, index = ReferenceStore(), FeatureIndex()
+    for a in range(0, cols["ts"].size, 4_000):
+        b = make_batch(cols, w, a, min(a + 4_000, cols["ts"].size))
+        store.update(b, route(b, index))
+    return store.frozen()
+
+
+def batches(tr: Traffic, make_batch: MakeBatch, size: int = 2_000) -> list[EventBatch]:
+    cols = tr.merged()
+    n = cols["ts"].size
+    return [make_batch(cols, world(), a, min(a + size, n)) for a in range(0, n, size)]
