@@ -77,6 +77,19 @@ def _shapiro(d: Any, a: Any, mu: float, sigma: float) -> float:
 
 
 @_njit
+def _enter_block(blk: Any, cur: Any, prev: Any, s: int, b: int) -> None:
+    """Key ``s``'s window moves to block ``b``: the current block becomes the previous one
+    (or the previous one is empty when a block was skipped)."""
+    if b != blk[s]:
+        if b == blk[s] + 1:
+            prev[s, :] = cur[s, :]
+        else:
+            prev[s, :] = 0
+        cur[s, :] = 0
+        blk[s] = b
+
+
+@_njit
 def caller_pass(
     slots: Any, qw: Any, q: Any, h: Any, off: Any, low: Any, bucket: Any, near_r: Any,
     prada_thr: Any, h_prior: Any, ts: Any,
@@ -139,27 +152,13 @@ def caller_pass(
             flags[2] = low[i]
             if bucket[i] >= 0:
                 flags[4 + bucket[i]] = 1
-        b = dseq // block
-        if b != blk_c[s]:
-            if b == blk_c[s] + 1:
-                prev_c[s, :] = cur_c[s, :]
-            else:
-                prev_c[s, :] = 0
-            cur_c[s, :] = 0
-            blk_c[s] = b
+        _enter_block(blk_c, cur_c, prev_c, s, dseq // block)
         cur_c[s, :] += flags
         for k in range(n_sig):
             o_counts[i, k] = np.int32(cur_c[s, k]) + np.int32(prev_c[s, k])
         n_w = (block if dseq >= block else 0) + dseq % block + 1
         # -- near-duplicates and repeats over all queries, repeats included
-        ab = t // block
-        if ab != blk_all[s]:
-            if ab == blk_all[s] + 1:
-                prev_all[s, :] = cur_all[s, :]
-            else:
-                prev_all[s, :] = 0
-            cur_all[s, :] = 0
-            blk_all[s] = ab
+        _enter_block(blk_all, cur_all, prev_all, s, t // block)
         cur_all[s, 0] += 1 if near else 0
         cur_all[s, 1] += 1 if repeat else 0
         o_counts[i, 0] = np.int32(cur_all[s, 0]) + np.int32(prev_all[s, 0])
