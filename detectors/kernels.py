@@ -1,4 +1,5 @@
-"""Compiled per-caller kernels: the sequential part of the query-pattern detectors.
+"""Compiled kernels of ``extraction.query_pattern``: its per-caller pass and its per-query
+geometry (normal scores, projection, anchor search; see each function for why).
 
 A caller's signals depend on the order of its own queries (each query against the caller's
 previous 32, runs of near-duplicates, windows of the last 129-256 queries), so the numpy
@@ -11,9 +12,9 @@ same key arrive in order. Compiled with numba (``cache=True``: compiled once per
 per process). Per row: 32 comparisons of 8 int8 coordinates, a few counters, and every 16th
 recorded distance a Shapiro-Wilk test of 64 values.
 
-Nothing here allocates per row or calls back into Python; the detector passes its state
-columns and gets per-row arrays back, and keeps the episode and evidence logic (a few flagged
-rows per batch) in Python.
+Nothing here allocates per row or calls back into Python, and nothing is written but the
+``out`` arrays and, in :func:`caller_pass`, the state columns the detector passes in; the
+episode and evidence logic (a few flagged rows per batch) stays in Python.
 """
 
 from __future__ import annotations
