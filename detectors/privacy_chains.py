@@ -38,7 +38,11 @@ def links(
         dk = pool_f[:, c][idx] - pool_f[base:, c : c + 1]
         d2 += dk * dk
     d2[t < 0] = np.inf
-    fi = np.flatnonzero(d2 <= (g.radius[r] ** 2)[:, None].astype(np.float32))
+    # d2 is a whole number (int8 coordinates), exact in float32; the squared radius is not:
+    # rounded to float32 it can reach the whole number just beyond it and link a query outside
+    # the radius. Within means d2 <= radius ** 2, i.e. d2 <= its floor.
+    r2 = np.floor(g.radius[r] ** 2).astype(np.float32)
+    fi = np.flatnonzero(d2 <= r2[:, None])
     row, k = fi // RING, fi % RING
     pidx = idx.ravel()[fi]
     pool_m = np.concatenate([cols["ring_m"][own].reshape(-1), g.m[r]])
