@@ -7,6 +7,7 @@ from dataclasses import fields
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 
 from detectors.drift_bins import BinLayout
@@ -49,7 +50,7 @@ def encode_state(late: int, tracks: dict[tuple[str, str], Any], prints: dict[Any
             arrays[f"{i}.cusum.lower"] = eng.cusum.lower
         arrays[f"{i}.codes"] = t.codes
         arrays[f"{i}.ts"] = t.ts
-        arrays[f"{i}.ids"] = np.asarray(t.ids, np.str_)
+        arrays[f"{i}.id_bytes"], arrays[f"{i}.id_lens"] = _pack_ids(t.ids)
     arrays["meta"] = np.frombuffer(orjson.dumps(meta, option=orjson.OPT_SORT_KEYS), np.uint8)
     return npz_bytes(arrays)
 
@@ -85,9 +86,27 @@ def decode_state(
             engine,
             arrays[f"{i}.codes"],
             arrays[f"{i}.ts"],
-            arrays[f"{i}.ids"].astype(object),
+            _unpack_ids(arrays, i),
             m["released_ms"],
             m["episode"],
         )
         prints[key] = m["fingerprint"]
     return meta["late"], tracks, prints
+
+
+def _pack_ids(ids: Any) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
+    """The waiting events' ids as UTF-8 bytes and lengths: numpy strings (4 bytes a character,
+    padded to the longest) were most of the blob and of the time spent compressing it."""
+    raw = [str(x).encode("utf-8", "surrogatepass") for x in ids]
+    return np.frombuffer(b"".join(raw), np.uint8), np.fromiter(map(len, raw), np.int64, len(raw))
+
+
+def _unpack_ids(arrays: dict[str, Any], i: int) -> npt.NDArray[np.object_]:
+    if f"{i}.ids" in arrays:  # written before ids were packed
+        old: npt.NDArray[np.object_] = arrays[f"{i}.ids"].astype(object)
+        return old
+    data, ends = arrays[f"{i}.id_bytes"].tobytes(), np.cumsum(arrays[f"{i}.id_lens"]).tolist()
+    out = np.empty(len(ends), object)
+    starts = [0, *ends][:-1]
+    out[:] = [data[a:b].decode("utf-8", "surrogatepass") for a, b in zip(starts, ends, strict=True)]
+    return out
