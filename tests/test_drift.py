@@ -19,11 +19,11 @@ from scipy.spatial.distance import jensenshannon
 from test_reference import events, two_class
 
 from detectors import drift_stats as ds
-from detectors.base import AlertChange, DetectorInput, KeySpace, Output
+from detectors.base import AlertChange, DetectorInput, KeySpace, Output, Snapshot
 from detectors.drift import FeatureDrift
 from detectors.drift_bins import BinLayout, build_layout
 from detectors.drift_windows import Engine, Settings
-from detectors.reference import Reference
+from detectors.reference import Reference, npz_bytes, npz_load
 from detectors.reference_store import ReferenceStore
 from detectors.routing import FeatureIndex, route
 from schemas.batch import EventBatch
@@ -422,6 +422,28 @@ def test_drift_snapshot_restore_round_trips() -> None:
         c.run(batches[j:])
         assert cf.normalise(c.log, "d") == cf.normalise(a.log[j:], "d"), j
     assert a.det.snapshot(KeySpace()).model is None
+
+
+def test_drift_restores_snapshots_written_before_ids_were_packed() -> None:
+    """A store written by an earlier version holds the waiting events' ids as numpy strings."""
+    a = Pipeline()
+    for b in cut(feature_stream(11, shift_s=600))[:3]:
+        a.feed(b)
+    blob = a.det.snapshot(KeySpace()).model
+    assert blob is not None
+    arrays = npz_load(blob)
+    for name in [k for k in arrays if k.endswith(".id_bytes")]:
+        i = name.split(".")[0]
+        data, ends = arrays.pop(name).tobytes(), np.cumsum(arrays.pop(f"{i}.id_lens"))
+        arrays[f"{i}.ids"] = np.array(
+            [data[x:y].decode() for x, y in zip([0, *ends][:-1], ends, strict=True)], np.str_
+        )
+    old, new = FeatureDrift(), FeatureDrift()
+    old.restore(Snapshot(model=npz_bytes(arrays)), KeySpace())
+    new.restore(Snapshot(model=blob), KeySpace())
+    assert old._tracks.keys() == new._tracks.keys() and old._tracks
+    for key, t in new._tracks.items():
+        assert t.ids.size and list(old._tracks[key].ids) == list(t.ids)
 
 
 def test_drift_counts_late_events_and_drops_them() -> None:
