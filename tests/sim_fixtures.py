@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from detectors.reference import Reference
 from detectors.reference_store import ReferenceStore
@@ -46,3 +47,14 @@ def batches(tr: Traffic, make_batch: MakeBatch, size: int = 2_000) -> list[Event
     cols = tr.merged()
     n = cols["ts"].size
     return [make_batch(cols, world(), a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def among_benign(model: int, x: npt.NDArray[np.float64], seed: int) -> tuple[Traffic, str]:
+    """Queries ``x`` from one attacker key at 3/s, with 40 benign callers of the same model
+    behind the same address around it; the traffic and the attacker's key."""
+    w, rng, tr = world(), np.random.default_rng(seed), Traffic()
+    for k in range(40):
+        ts = np.sort(START_MS + rng.integers(0, 1_800_000, 30))
+        tr.add(ts, f"key_benign{k:03d}", ["203.0.113.9"], model, w.natural(model, rng, 30))
+    tr.add(START_MS + 60_000 + np.arange(len(x)) * 333, "key_attacker01", ["203.0.113.9"], model, x)
+    return tr, "key_attacker01"

@@ -53,13 +53,8 @@ def alerted(r: Runner, entity_type: str = "api_key") -> set[str]:
 
 def attack_stream(kind: str, model: int, n: int, seed: int = 5) -> tuple[Traffic, str]:
     """``n`` attack queries from one key at 3/s, with 40 benign callers around it."""
-    w, rng, tr = world(), np.random.default_rng(seed), Traffic()
-    for k in range(40):
-        ts = np.sort(START_MS + rng.integers(0, 1_800_000, 30))
-        tr.add(ts, f"key_benign{k:03d}", ["203.0.113.9"], model, w.natural(model, rng, 30))
-    x = attack_queries(kind, w, model, np.random.default_rng(seed), n)
-    tr.add(START_MS + 60_000 + np.arange(n) * 333, "key_attacker01", ["203.0.113.9"], model, x)
-    return tr, "key_attacker01"
+    x = attack_queries(kind, world(), model, np.random.default_rng(seed), n)
+    return sim_fixtures.among_benign(model, x, seed)
 
 
 FAMILIES = [

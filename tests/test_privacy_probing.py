@@ -51,17 +51,12 @@ def firing(r: Runner) -> list[Any]:
 
 def attack_stream(kind: str, model: int, n: int, seed: int = 5) -> tuple[Traffic, str]:
     """The first ``n`` queries of an attack from one key at 3/s, 40 benign callers around it."""
-    w, rng, tr = world(), np.random.default_rng(seed), Traffic()
-    for k in range(40):
-        ts = np.sort(START_MS + rng.integers(0, 1_800_000, 30))
-        tr.add(ts, f"key_benign{k:03d}", ["203.0.113.9"], model, w.natural(model, rng, 30))
     a_rng = np.random.default_rng(seed)
     if kind.startswith("inversion"):  # the first n queries of the walk, without the rest
-        x = inversion_queries(w, model, a_rng, n, kind == "inversion_seed")
+        x = inversion_queries(world(), model, a_rng, n, kind == "inversion_seed")
     else:
-        x = attack_queries(kind, w, model, a_rng)[:n]
-    tr.add(START_MS + 60_000 + np.arange(len(x)) * 333, "key_attacker01", ["203.0.113.9"], model, x)
-    return tr, "key_attacker01"
+        x = attack_queries(kind, world(), model, a_rng)[:n]
+    return sim_fixtures.among_benign(model, x, seed)
 
 
 KINDS = [
