@@ -28,6 +28,7 @@ import os
 import sys
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -225,26 +226,33 @@ def naive(callers: int, n_batches: int) -> dict[str, float]:
     }
 
 
-def spine(events: int) -> dict[str, float]:
+def spine_inputs(det: Any, events: int) -> Iterator[DetectorInput]:
+    """The spine benchmark's events (scenario ``bench``) decoded, keyed, routed and through the
+    reference store in batches, as the worker hands them to ``det``."""
     from schemas.decode import decode
     from streams.simulate import simulate
 
     lines, _ = simulate("bench", events, seed=5)
     raw = list(lines)
-    det, ks, index, store = QueryPattern(), KeySpace(), FeatureIndex(), ReferenceStore()
-    total, cpu, n = 0.0, 0.0, 0
+    ks, index, store = KeySpace(), FeatureIndex(), ReferenceStore()
     for a in range(0, len(raw), BATCH):
         b = decode(raw[a : a + BATCH]).batch
         slots = {et: ks[et].lookup(entity_keys(b, et), b.ts_ms, b.partition)
                  for et in det.entity_types}  # fmt: skip
         views = route(b, index)
         store.update(b, views)
-        inp = DetectorInput(b, slots, ks, 0, views, store.frozen())
+        yield DetectorInput(b, slots, ks, 0, views, store.frozen())
+
+
+def spine(events: int) -> dict[str, float]:
+    det = QueryPattern()
+    total, cpu, n = 0.0, 0.0, 0
+    for inp in spine_inputs(det, events):
         t1, c1 = time.perf_counter(), time.process_time()
         det.update(inp)
         total += time.perf_counter() - t1
         cpu += time.process_time() - c1
-        n += b.n
+        n += inp.events.n
     return {
         "events": float(n),
         "update_us_per_event": total / n * 1e6,

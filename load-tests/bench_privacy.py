@@ -30,30 +30,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "load-tests"))
 
-from bench_extraction import BATCH, batch, reference, rss_bytes, vectors  # noqa: E402
+from bench_extraction import BATCH, batch, reference, rss_bytes, spine_inputs, vectors  # noqa: E402
 
 from detectors.base import DetectorInput, KeySpace, entity_keys  # noqa: E402
 from detectors.privacy_probing import QueryProbing  # noqa: E402
-from detectors.reference_store import ReferenceStore  # noqa: E402
-from detectors.routing import FeatureIndex, route  # noqa: E402
+from detectors.routing import route  # noqa: E402
 
 
 def spine(events: int) -> dict[str, float]:
-    from schemas.decode import decode
-    from streams.simulate import simulate
-
-    lines, _ = simulate("bench", events, seed=5)
-    raw = list(lines)
-    det, ks, index, store = QueryProbing(), KeySpace(), FeatureIndex(), ReferenceStore()
+    det = QueryProbing()
     total, cpu, n, timed = 0.0, 0.0, 0, 0
     steady, steady_n = 0.0, 0  # batches after the one that calibrated the model
-    for a in range(0, len(raw), BATCH):
-        b = decode(raw[a : a + BATCH]).batch
-        slots = {et: ks[et].lookup(entity_keys(b, et), b.ts_ms, b.partition)
-                 for et in det.entity_types}  # fmt: skip
-        views = route(b, index)
-        store.update(b, views)
-        inp = DetectorInput(b, slots, ks, 0, views, store.frozen())
+    for inp in spine_inputs(det, events):
+        b = inp.events
         known = len(det._cal)
         t1, c1 = time.perf_counter(), time.process_time()
         det.update(inp)
@@ -61,7 +50,7 @@ def spine(events: int) -> dict[str, float]:
         total += took
         cpu += time.process_time() - c1
         n += b.n
-        timed += int(bool(store.frozen()))
+        timed += int(bool(inp.references))
         if len(det._cal) == known and known:
             steady += took
             steady_n += b.n

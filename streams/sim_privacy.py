@@ -32,13 +32,13 @@ Attacker keys, addresses and user agents are drawn by the same code as benign ca
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from schemas.batch import EventBatch
+from streams.sim_attacks import Instance
 from streams.sim_callers import DAY_MS, START_MS, Traffic, World, caller_ips, new_key, to_batch
 
 F64 = npt.NDArray[np.float64]
@@ -53,17 +53,6 @@ ATLAS = {
     "inversion_noise": "AML.T0024.001",
     "inversion_seed": "AML.T0024.001",
 }
-
-
-@dataclass(frozen=True)
-class Instance:
-    tag: int
-    kind: str
-    variant: str  # fast | slow
-    model: int
-    key: str
-    ips: tuple[str, ...]
-    queries: int  # attack queries (benign ones of the same key not counted)
 
 
 def _continuous(world: World, m: int) -> F64:
