@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pyarrow as pa
 
 from detectors.reference import Reference
 from streams import records
-from streams.store import Store
+from streams.store import Store, TransientStoreError
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +68,77 @@ class Buffers:
     @property
     def pending_rows(self) -> int:
         return sum(t.num_rows for parts in self.tables.values() for t in parts)
+
+
+EARLY = ("events",)  # idempotent and not stamped with a checkpoint: may be written before it
+
+
+class EarlyWriter:
+    """Writes buffered ``events`` rows between checkpoints, in one background thread.
+
+    The events insert is the largest part of a checkpoint, and chdb releases the GIL while it
+    runs, so it can go on beside decoding and detection of the next batches on the second core.
+    This keeps the checkpoint order (DESIGN.md section 6): event rows are idempotent and carry no
+    checkpoint seq, so writing them before the checkpoint that covers them is safe (a replay
+    writes the same rows again), and :meth:`drain` waits for the write in flight before the
+    checkpoint writes the rest, state and positions. One write is in flight at a time; a failed
+    write hands its rows back to the checkpoint, whose retry and outage handling takes over, and
+    no early write starts until then.
+    """
+
+    def __init__(self, store: Store, min_rows: int = 20_000) -> None:
+        self.store = store
+        self.min_rows = min_rows
+        self._pool: ThreadPoolExecutor | None = None  # started at the first early write
+        self._flight: Future[None] | None = None
+        self._tables: list[tuple[str, pa.Table]] = []  # what is in flight
+        self._failed = False
+
+    def offer(self, buffers: Buffers) -> None:
+        """Start writing the buffered early tables if enough rows wait and nothing is in flight."""
+        if self._failed or (self._flight is not None and not self._flight.done()):
+            return
+        if sum(t.num_rows for name in EARLY for t in buffers.tables.get(name, ())) < self.min_rows:
+            return
+        self._settle()
+        if self._failed:
+            return
+        tables = [(name, buffers.tables.pop(name)) for name in EARLY if name in buffers.tables]
+        self._tables = [(name, pa.concat_tables(parts)) for name, parts in tables]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="inferwatch-early-write")
+        self._flight = self._pool.submit(self._write, self._tables)
+
+    def _write(self, tables: list[tuple[str, pa.Table]]) -> None:
+        for name, table in tables:
+            self.store.insert_arrow(name, table)
+
+    def _settle(self) -> None:
+        """Collect the finished write: a transient failure keeps its rows for the checkpoint."""
+        if self._flight is None:
+            return
+        flight, self._flight = self._flight, None
+        try:
+            flight.result()
+        except TransientStoreError:
+            self._failed = True
+            return
+        self._tables = []
+
+    def drain(self, buffers: Buffers) -> None:
+        """Wait for the write in flight; rows it could not write go back into ``buffers`` (ahead
+        of newer ones) for the checkpoint to write. Other errors are raised here."""
+        self._settle()
+        for name, table in self._tables:
+            buffers.tables.setdefault(name, []).insert(0, table)
+        self._tables = []
+        self._failed = False
+
+    def close(self) -> None:
+        """Stop the thread (after :meth:`drain`; a later offer starts a new one)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 def hmac_key(store: Store) -> bytes:

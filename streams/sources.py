@@ -66,7 +66,14 @@ class FileSource:
         self.read_bytes = read_bytes
         self._fh = self.path.open("rb")
         self._pos = 0  # byte offset of the first unread line
-        self._buffer = b""
+        self._reset()
+
+    def _reset(self) -> None:
+        self._read_pos = self._pos  # byte offset of ``_tail``
+        self._tail = b""  # an incomplete last line of what was read
+        self._lines: list[bytes] = []  # complete, non-blank lines read and not yet polled...
+        self._starts = self._ends = np.zeros(0, np.int64)  # ...their byte offsets
+        self._next = 0  # index of the first of them not polled yet
         self._eof = False
 
     @property
@@ -80,55 +87,62 @@ class FileSource:
     def seek(self, positions: dict[int, int]) -> None:
         self._pos = positions.get(0, 0)
         self._fh.seek(self._pos)
-        self._buffer = b""
-        self._eof = False
+        self._reset()
 
     def assigned(self) -> set[int]:
         return {0}
 
     @property
     def exhausted(self) -> bool:
-        return self._eof and not self._buffer
+        return self._eof and self._next == len(self._lines)
 
     def poll(self, max_messages: int, timeout_s: float = 0.0) -> Polled:
         lines: list[bytes] = []
-        offsets: list[int] = []
-        pos = self._pos
+        offsets: list[npt.NDArray[np.int64]] = []
         while len(lines) < max_messages:
-            last_nl = self._buffer.rfind(b"\n")
-            if last_nl < 0:
-                if not self._eof:
-                    chunk = self._fh.read(self.read_bytes)
-                    self._eof = not chunk
-                    self._buffer += chunk
-                    continue
-                if self._buffer:  # a last line without a newline
-                    self._add(lines, offsets, self._buffer, pos)
-                    pos += len(self._buffer)
-                    self._buffer = b""
-                break
-            take = self._buffer[:last_nl].split(b"\n")[: max_messages - len(lines)]
-            consumed = 0
-            for line in take:
-                self._add(lines, offsets, line, pos + consumed)
-                consumed += len(line) + 1
-            pos += consumed
-            self._buffer = self._buffer[consumed:]
-        self._pos = pos
+            if self._next == len(self._lines):
+                if self._eof:
+                    break
+                self._read()
+                continue
+            i = self._next
+            k = min(len(self._lines), i + max_messages - len(lines))
+            lines.extend(self._lines[i:k])
+            offsets.append(self._starts[i:k])
+            self._pos = int(self._ends[k - 1])
+            self._next = k
+        if self._eof and self._next == len(self._lines):
+            self._pos = self._read_pos  # past trailing blank lines too
         return Polled(
             lines,
             np.zeros(len(lines), np.int32),
-            np.asarray(offsets, np.int64),
-            {0: pos},
+            np.concatenate(offsets) if offsets else np.zeros(0, np.int64),
+            {0: self._pos},
         )
 
-    @staticmethod
-    def _add(lines: list[bytes], offsets: list[int], line: bytes, pos: int) -> None:
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if line.strip():
-            lines.append(line)
-            offsets.append(pos)
+    def _read(self) -> None:
+        """Read the next chunk and split it into lines (one split per chunk, not per poll)."""
+        chunk = self._fh.read(self.read_bytes)
+        data = self._tail + chunk
+        parts = data.split(b"\n")
+        self._tail = parts.pop() if chunk else b""
+        self._eof = not chunk  # at the end, ``parts`` holds the last line without a newline
+        if not parts:
+            self._lines, self._next = [], 0
+            return
+        step = np.fromiter(map(len, parts), np.int64, len(parts)) + 1
+        ends = self._read_pos + np.cumsum(step)
+        starts = ends - step
+        if not chunk:
+            ends[-1] -= 1  # no newline after it
+        self._read_pos = int(ends[-1])
+        if b"\r" not in data and all(map(bytes.strip, parts)):
+            self._lines = parts  # the usual case: no blank line, no \r\n ending
+        else:
+            keep = [i for i, p in enumerate(parts) if p.strip()]
+            self._lines = [parts[i][:-1] if parts[i].endswith(b"\r") else parts[i] for i in keep]
+            starts, ends = starts[keep], ends[keep]
+        self._starts, self._ends, self._next = starts, ends, 0
 
     def pause(self) -> None:
         """A file waits where it is; nothing to do."""

@@ -23,7 +23,7 @@ from detectors.base import Detector
 from detectors.reference_store import ReferenceStore
 from schemas.batch import Limits
 from streams import analyst, checkpoint, records
-from streams.buffers import Buffers, Rows, hmac_key
+from streams.buffers import Buffers, EarlyWriter, Rows, hmac_key
 from streams.checkpoint import Prepared
 from streams.faults import FAULT_ENV, Faults
 from streams.health import PipelineHealth
@@ -112,6 +112,7 @@ class Worker:
         self.counters = Counters()
         self._alert_ids: set[str] = set()  # episodes seen by this process (few: one per episode)
         self.buffers = Buffers()
+        self.early = EarlyWriter(store, min_rows=s.batch_max)
         self.hmac_key = hmac_key(store)
         self.stop_requested = threading.Event()
         self.commands: list[Callable[[Worker], None]] = []  # applied at the next checkpoint
@@ -217,6 +218,12 @@ class Worker:
         self._checkpoint_requested.set()
 
     def run(self, progress: Callable[[Worker], None] | None = None) -> Counters:
+        try:
+            return self._run(progress)
+        finally:
+            self.early.close()
+
+    def _run(self, progress: Callable[[Worker], None] | None) -> Counters:
         while not self.stop_requested.is_set():
             polled = self.source.poll(self.settings.batch_max, self.settings.poll_timeout_s)
             self._record_gaps()
@@ -224,6 +231,8 @@ class Worker:
                 t0 = time.perf_counter()
                 result = self.pipeline.process(polled.messages, polled.partition, polled.offset)
                 self._buffer(result)
+                if self.outage is None:
+                    self.early.offer(self.buffers)
                 self.counters.last_batch_s = time.perf_counter() - t0
                 self._since_checkpoint += len(polled.messages)
                 self.counters.batches_total += 1
@@ -346,6 +355,8 @@ class Worker:
         failures of the transient class are retried through :meth:`_write` until the store is
         back (or the worker is stopped, which then exits without committing)."""
         t0 = time.perf_counter()
+        self.early.drain(self.buffers)  # the events written early are in the store from here
+        tw = time.perf_counter()
         self._checkpoint_requested.clear()
         number = self.counters.checkpoints_total + 1
         self.faults.checkpoint_starts(number)
@@ -376,7 +387,8 @@ class Worker:
         c.last_checkpoint_s = time.perf_counter() - t0
         # prepare: commands, health, lifecycle, changed state rows; write: every sink's rows,
         # state and positions into the store, and the source commit
-        c.stage_s["checkpoint_prepare"] = c.stage_s.get("checkpoint_prepare", 0.0) + t1 - t0
+        c.stage_s["early_write_wait"] = c.stage_s.get("early_write_wait", 0.0) + tw - t0
+        c.stage_s["checkpoint_prepare"] = c.stage_s.get("checkpoint_prepare", 0.0) + t1 - tw
         c.stage_s["store_write"] = c.stage_s.get("store_write", 0.0) + t2 - t1
         c.stage_s["delivery"] = c.stage_s.get("delivery", 0.0) + time.perf_counter() - t2
 

@@ -11,10 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import pyarrow as pa
 import pytest
 
 from detectors.registry import create_all
-from streams import queries
+from schemas.decode import decode
+from streams import queries, records
+from streams.buffers import Buffers, EarlyWriter
+from streams.faults import Faults
 from streams.simulate import write as simulate_write
 from streams.sources import FileSource
 from streams.store import Store
@@ -236,3 +240,37 @@ def test_cli_rejects_bad_arguments_with_what_was_expected(tmp_path: Path) -> Non
     assert scenario.returncode == 2 and "known: bench, default, quiet" in scenario.stderr
     kafka = run_cli("run", "--source", "kafka://no-port/topic", "--store", store)
     assert kafka.returncode == 2 and "kafka" in kafka.stderr.lower()
+
+
+def test_early_writer_stores_events_before_the_checkpoint_and_hands_failed_rows_back(
+    traffic: Path, tmp_path: Path
+) -> None:
+    """Events go to the store beside the next batches once a batch's worth waits; rows of a write
+    that failed come back, oldest first, for the checkpoint's retry: none is lost."""
+    lines = traffic.read_bytes().splitlines()[:900]
+    table = records.events_table(decode(lines).batch, b"key")
+    faults = Faults("sink_outage:1:3600")  # the store fails once the outage is started below
+    with Store(f"chdb:{tmp_path / 'store'}") as store:
+        writer, buffers = EarlyWriter(faults.wrap(store), min_rows=300), Buffers()
+
+        def stored() -> int:
+            return int(store.query("SELECT count() FROM events FINAL").result_rows[0][0])
+
+        buffers.add("events", table.slice(0, 200))
+        writer.offer(buffers)
+        assert buffers.pending_rows == 200, "fewer rows than a batch wait for the checkpoint"
+        buffers.add("events", table.slice(200, 200))
+        writer.offer(buffers)
+        writer.drain(buffers)
+        assert (buffers.pending_rows, stored()) == (0, 400)
+
+        faults.checkpoint_starts(1)  # the store is down from here
+        buffers.add("events", table.slice(400, 300))
+        writer.offer(buffers)
+        buffers.add("events", table.slice(700, 200))
+        writer.offer(buffers)  # the first write failed: no other starts before the checkpoint
+        writer.drain(buffers)
+        assert stored() == 400
+        back = pa.concat_tables(buffers.tables["events"]).column("event_id")
+        assert back.to_pylist() == table.slice(400).column("event_id").to_pylist()
+        writer.close()
