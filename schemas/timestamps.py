@@ -10,7 +10,10 @@ whole pyarrow string column at once, for the fast decoder. Both implement :data:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
+import numba
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
@@ -18,6 +21,9 @@ import pyarrow as pa
 from schemas.batch import I64
 
 Bool = npt.NDArray[np.bool_]
+_F = TypeVar("_F", bound=Callable[..., Any])
+# compiled on first call and cached on disk beside the module (once per machine)
+_njit = cast(Callable[[_F], _F], numba.njit(cache=True, nogil=True))
 
 # 2000-01-01T00:00:00Z <= ts < 2101-01-01T00:00:00Z
 TS_MIN_MS = 946_684_800_000
@@ -66,14 +72,78 @@ def parse_ts(text: str) -> int | None:
     return secs * 1000 + frac_ms
 
 
-def _days_from_civil_array(y: I64, m: I64, d: I64) -> I64:
-    """:func:`_days_from_civil` of whole columns."""
-    y = y - (m <= 2)
-    era = y // 400
-    yoe = y - era * 400
-    doy = (153 * (m + np.where(m > 2, -3, 9)) + 2) // 5 + d - 1
-    out: I64 = era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
-    return out
+@_njit
+def _digit(data: Any, at: int) -> int:
+    """The value of the digit at ``at``, or -1."""
+    c = data[at] - 48
+    return c if 0 <= c <= 9 else -1
+
+
+@_njit
+def _two(data: Any, at: int) -> int:
+    """The value of two digits at ``at``, or -1."""
+    a, b = _digit(data, at), _digit(data, at + 1)
+    return a * 10 + b if a >= 0 and b >= 0 else -1
+
+
+@_njit
+def _ts_ms(data: Any, offsets: Any, valid: Any, ms: Any, ok: Any) -> None:
+    """:func:`parse_ts` of every string of a column, from its bytes and offsets."""
+    for i in range(valid.size):
+        start, length = offsets[i], offsets[i + 1] - offsets[i]
+        if not valid[i] or length < 20:
+            continue
+        end = start + length
+        ya, yb = _two(data, start), _two(data, start + 2)
+        mo, d = _two(data, start + 5), _two(data, start + 8)
+        h, mi, s = _two(data, start + 11), _two(data, start + 14), _two(data, start + 17)
+        sep = data[start + 10]
+        if min(ya, yb, mo, d, h, mi, s) < 0 or not (sep == 84 or sep == 116 or sep == 32):
+            continue  # "T", "t" or " " between date and time
+        if data[start + 4] != 45 or data[start + 7] != 45:  # "-"
+            continue
+        if data[start + 13] != 58 or data[start + 16] != 58:  # ":"
+            continue
+        last, off_min = data[end - 1], 0
+        if last == 90 or last == 122:  # "Z" or "z"
+            frac_end = end - 1
+        else:
+            sign = data[end - 6]
+            off_h, off_m = _two(data, end - 5), _two(data, end - 2)
+            if length < 25 or not (sign == 43 or sign == 45) or data[end - 3] != 58:
+                continue
+            if off_h < 0 or off_m < 0 or off_h > 23 or off_m > 59:
+                continue
+            off_min = (off_h * 60 + off_m) * (-1 if sign == 45 else 1)
+            frac_end = end - 6
+        frac_ms, at = 0, start + 19
+        if frac_end > at:  # "." and at least one digit
+            if data[at] != 46 or frac_end - at < 2:
+                continue
+            good = True
+            for k in range(at + 1, frac_end):
+                digit = _digit(data, k)
+                if digit < 0:
+                    good = False
+                    break
+                if k - at <= 3:
+                    frac_ms += digit * (100, 10, 1)[k - at - 1]
+            if not good:
+                continue
+        y = ya * 100 + yb
+        if mo < 1 or mo > 12 or h > 23 or mi > 59 or s > 59:
+            continue
+        leap = (y % 4 == 0 and y % 100 != 0) or y % 400 == 0
+        if d < 1 or d > _DAYS_IN_MONTH[mo - 1] + (1 if leap and mo == 2 else 0):
+            continue
+        yy = y - (1 if mo <= 2 else 0)
+        era = yy // 400
+        yoe = yy - era * 400
+        doy = (153 * (mo + (-3 if mo > 2 else 9)) + 2) // 5 + d - 1
+        days = era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
+        secs = days * 86400 + h * 3600 + mi * 60 + s - off_min * 60
+        ms[i] = secs * 1000 + frac_ms
+        ok[i] = True
 
 
 _DAYS_IN_MONTH = np.array([31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31])
@@ -81,60 +151,15 @@ _DAYS_IN_MONTH = np.array([31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31])
 
 def ts_text_ms(ts: pa.ChunkedArray) -> tuple[I64, Bool]:
     """Epoch ms of RFC 3339 strings (fraction truncated) and whether each one is valid: the
-    grammar of :data:`TS_PATTERN`, on the bytes of the whole column."""
+    grammar of :data:`TS_PATTERN`, on the bytes of the whole column in one compiled loop."""
     arr = ts.combine_chunks() if isinstance(ts, pa.ChunkedArray) else ts
     n = len(arr)
-    ok: Bool = arr.is_valid().to_numpy(zero_copy_only=False)  # is_valid() has no nulls
-    if n == 0 or not ok.any():
-        return np.zeros(n, np.int64), ok
+    ms, ok = np.zeros(n, np.int64), np.zeros(n, np.bool_)
+    if n == 0 or arr.null_count == n:
+        return ms, ok
     _, offsets, values = arr.buffers()
-    ends = np.frombuffer(offsets, np.int32, n + 1, arr.offset * 4).astype(np.int64)
-    start, length = ends[:-1], np.diff(ends)
-    # padded so that fixed positions of short or null strings index something
-    data = np.zeros(int(ends[-1]) + 32, np.int64)
-    if ends[-1]:
-        data[: ends[-1]] = np.frombuffer(values, np.uint8, int(ends[-1]))
-    head = data[start[:, None] + np.arange(19)] - ord("0")  # "YYYY-MM-DDTHH:MM:SS"
-    ok &= length >= 20
-    ok &= ((head[:, _HEAD_DIGITS] >= 0) & (head[:, _HEAD_DIGITS] <= 9)).all(axis=1)
-    ok &= (head[:, _HEAD_PUNCT] == _HEAD_PUNCT_CHARS).all(axis=1)
-    ok &= np.isin(head[:, 10] + ord("0"), (ord("T"), ord("t"), ord(" ")))
-    last = data[start + length - 1]
-    zulu = (last == ord("Z")) | (last == ord("z"))
-    tz = data[np.maximum(start + length - 6, 0)[:, None] + np.arange(6)] - ord("0")
-    tz_digits = ((tz[:, [1, 2, 4, 5]] >= 0) & (tz[:, [1, 2, 4, 5]] <= 9)).all(axis=1)
-    signed = np.isin(tz[:, 0] + ord("0"), (ord("+"), ord("-"))) & (tz[:, 3] == ord(":") - 48)
-    ok &= zulu | (tz_digits & signed & (length >= 25))
-    # between the seconds and the offset: nothing, or "." and at least one digit
-    frac_at, frac_end = start + 19, start + length - np.where(zulu, 1, 6)
-    non_digit = np.concatenate(([0], np.cumsum((data < ord("0")) | (data > ord("9")))))
-    digits = frac_end - frac_at - 1
-    has_frac = frac_end > frac_at
-    frac_ok = (data[frac_at] == ord(".")) & (digits >= 1)
-    frac_ok &= non_digit[np.maximum(frac_end, frac_at + 1)] == non_digit[frac_at + 1]
-    ok &= ~has_frac | frac_ok
-    frac_ms = np.zeros(n, np.int64)
-    for k, scale in ((1, 100), (2, 10), (3, 1)):
-        frac_ms += np.where(has_frac & (digits >= k), data[frac_at + k] - ord("0"), 0) * scale
-    y = head[:, 0] * 1000 + head[:, 1] * 100 + head[:, 2] * 10 + head[:, 3]
-    mo, d = head[:, 5] * 10 + head[:, 6], head[:, 8] * 10 + head[:, 9]
-    h, mi, s = (
-        head[:, 11] * 10 + head[:, 12],
-        head[:, 14] * 10 + head[:, 15],
-        head[:, 17] * 10 + head[:, 18],
-    )
-    off_h = np.where(zulu, 0, tz[:, 1] * 10 + tz[:, 2])
-    off_m = np.where(zulu, 0, tz[:, 4] * 10 + tz[:, 5])
-    sign = np.where(tz[:, 0] == ord("-") - 48, -1, 1)
-    month = np.clip(mo, 1, 12)
-    leap = (y % 4 == 0) & ((y % 100 != 0) | (y % 400 == 0)) & (month == 2)
-    ok &= (mo >= 1) & (mo <= 12) & (d >= 1) & (d <= _DAYS_IN_MONTH[month - 1] + leap)
-    ok &= (h < 24) & (mi < 60) & (s < 60) & (off_h < 24) & (off_m < 60)
-    secs = _days_from_civil_array(y, month, d) * 86400 + h * 3600 + mi * 60 + s
-    secs -= sign * (off_h * 60 + off_m) * 60
-    return np.where(ok, secs * 1000 + frac_ms, 0), ok
-
-
-_HEAD_DIGITS = [0, 1, 2, 3, 5, 6, 8, 9, 11, 12, 14, 15, 17, 18]
-_HEAD_PUNCT = [4, 7, 13, 16]
-_HEAD_PUNCT_CHARS = np.array([ord(c) - ord("0") for c in "--::"])
+    ends = np.frombuffer(offsets, np.int32, n + 1, arr.offset * 4)
+    data = np.frombuffer(values, np.uint8, int(ends[-1])) if ends[-1] else np.zeros(0, np.uint8)
+    valid = arr.is_valid().to_numpy(zero_copy_only=False)
+    _ts_ms(data, ends, valid, ms, ok)
+    return ms, ok

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
@@ -642,8 +642,28 @@ ts_like = st.one_of(
 )
 
 
+TS_EDGES = [
+    "2025-03-01T12:00:00.Z",  # a point without digits
+    "2025-03-01T12:00:00.+01:00",
+    "2025-03-01T12:00:00.1234Z",
+    "2025-03-01T12:00:00.12a4Z",
+    "2024-02-29T00:00:00Z",
+    "2025-02-29T00:00:00Z",
+    "2100-02-29T00:00:00Z",
+    "2000-02-29T23:59:59.999-23:59",
+    "2025-03-01T12:00:00+0100",
+    "2025-03-01T12:00:00+24:00",
+    "2025-03-01 12:00:00z",
+    "2025-03-01T12:00:60Z",
+    "2025-13-01T12:00:00Z",
+    "2025-03-01T12:00:00",
+    "2025-03-01T12:00:00Z ",
+]
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.one_of(st.none(), ts_like), max_size=12))
+@example(TS_EDGES)
 def test_vectorised_ts_parse_matches_the_reference_parser(texts: list[str | None]) -> None:
     padded = pa.array(["2025-03-01T12:00:00Z", *texts], pa.string())
     ms, ok = ts_text_ms(pa.chunked_array([padded.slice(1)], pa.string()))
