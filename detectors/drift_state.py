@@ -52,7 +52,9 @@ def encode_state(late: int, tracks: dict[tuple[str, str], Any], prints: dict[Any
         arrays[f"{i}.ts"] = t.ts
         arrays[f"{i}.id_bytes"], arrays[f"{i}.id_lens"] = _pack_ids(t.ids)
     arrays["meta"] = np.frombuffer(orjson.dumps(meta, option=orjson.OPT_SORT_KEYS), np.uint8)
-    return npz_bytes(arrays)
+    # written at every checkpoint: deflating it took most of the snapshot's time (7 -> 2 ms
+    # for 100,000 spine events, a blob 2.8x larger), and the store compresses it again
+    return npz_bytes(arrays, deflate=False)
 
 
 def decode_state(
@@ -97,7 +99,12 @@ def decode_state(
 def _pack_ids(ids: Any) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.int64]]:
     """The waiting events' ids as UTF-8 bytes and lengths: numpy strings (4 bytes a character,
     padded to the longest) were most of the blob and of the time spent compressing it."""
-    raw = [str(x).encode("utf-8", "surrogatepass") for x in ids]
+    text = [str(x) for x in ids]
+    chars = np.fromiter(map(len, text), np.int64, len(text))
+    joined = "".join(text).encode("utf-8", "surrogatepass")
+    if len(joined) == int(chars.sum()):  # all ASCII: a character is a byte
+        return np.frombuffer(joined, np.uint8), chars
+    raw = [t.encode("utf-8", "surrogatepass") for t in text]
     return np.frombuffer(b"".join(raw), np.uint8), np.fromiter(map(len, raw), np.int64, len(raw))
 
 

@@ -128,17 +128,19 @@ class Reference:
         return cls(**kwargs)
 
 
-def npz_bytes(arrays: Mapping[str, npt.NDArray[Any]]) -> bytes:
+def npz_bytes(arrays: Mapping[str, npt.NDArray[Any]], deflate: bool = True) -> bytes:
     """``np.savez_compressed`` with a fixed timestamp, so equal arrays give equal bytes; deflate
-    level 1, not 6: a checkpoint's drift state compresses 5x faster for blobs 19% larger (and
-    the store compresses its columns again)."""
+    level 1, not 6: a checkpoint's drift state compresses 5x faster for blobs 19% larger.
+    ``deflate=False`` stores the arrays as they are (``np.savez``): for state written at every
+    checkpoint, which the store compresses again in its columns."""
+    method = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+    with zipfile.ZipFile(buf, "w", method) as zf:
         for name, arr in arrays.items():
             info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
             data = io.BytesIO()
             np.lib.format.write_array(data, np.ascontiguousarray(arr), allow_pickle=False)
-            zf.writestr(info, data.getbuffer(), zipfile.ZIP_DEFLATED, compresslevel=1)
+            zf.writestr(info, data.getbuffer(), method, compresslevel=1 if deflate else None)
     return buf.getvalue()
 
 

@@ -22,6 +22,7 @@ from detectors import drift_stats as ds
 from detectors.base import AlertChange, DetectorInput, KeySpace, Output, Snapshot
 from detectors.drift import FeatureDrift
 from detectors.drift_bins import BinLayout, build_layout
+from detectors.drift_state import _pack_ids, _unpack_ids
 from detectors.drift_windows import Engine, Settings
 from detectors.reference import Reference, npz_bytes, npz_load
 from detectors.reference_store import ReferenceStore
@@ -444,6 +445,15 @@ def test_drift_restores_snapshots_written_before_ids_were_packed() -> None:
     assert old._tracks.keys() == new._tracks.keys() and old._tracks
     for key, t in new._tracks.items():
         assert t.ids.size and list(old._tracks[key].ids) == list(t.ids)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(max_size=12), max_size=20))
+def test_waiting_ids_pack_and_unpack_to_the_same_strings(ids: list[str]) -> None:
+    """ASCII ids take the one-join path; any other (accents, emoji) the per-id one."""
+    data, lens = _pack_ids(np.array(ids, object))
+    got = _unpack_ids({"0.id_bytes": data, "0.id_lens": lens}, 0)
+    assert list(got) == ids
 
 
 def test_drift_counts_late_events_and_drops_them() -> None:
