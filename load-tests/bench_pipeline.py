@@ -187,7 +187,7 @@ def main() -> None:
                 stages = stage_runs[len(stage_runs) // 2]
                 assert isinstance(stages, dict)
                 for stage, secs in stages.items():
-                    print(f"    {stage:12} {secs / args.large * 1e6:7.2f} us/event")
+                    print(f"    {stage:34} {secs / args.large * 1e6:7.2f} us/event")
 
 
 if __name__ == "__main__":

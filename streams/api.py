@@ -281,7 +281,8 @@ def metrics_text(c: Counters, lag: Mapping[Any, Any]) -> str:
     family(
         "inferwatch_stage_seconds_total",
         "counter",
-        "Time spent in each pipeline stage.",
+        "Time spent in each pipeline stage; detector:NAME and snapshot:NAME are each "
+        "detector's part of the detectors and checkpoint_prepare stages.",
         [(_labels(stage=s), secs) for s, secs in stages],
     )
     return "\n".join(lines) + "\n"

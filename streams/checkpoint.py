@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -114,6 +114,7 @@ class Prepared:
 
     seq: int
     tables: tuple[tuple[str, pa.Table], ...]  # (store table, rows), positions last
+    snapshot_s: dict[str, float] = field(default_factory=dict)  # seconds per detector snapshot
 
     def without(self, partitions: set[int]) -> Prepared:
         """The checkpoint minus the keyed state and positions of revoked ``partitions`` (their
@@ -125,7 +126,7 @@ class Prepared:
             (name, t.filter(pc.invert(pc.is_in(t["partition"], value_set=drop))))
             for name, t in self.tables
         )
-        return Prepared(self.seq, kept)
+        return Prepared(self.seq, kept, self.snapshot_s)
 
 
 def prepare(
@@ -142,7 +143,9 @@ def prepare(
     tables: list[tuple[str, pa.Table]] = []
     evicted = pipeline.evicted
     pipeline.evicted = {}
+    snapshot_s: dict[str, float] = {}
     for det in pipeline.detectors:
+        t0 = time.perf_counter()
         snap = det.snapshot(pipeline.keyspace)
         rows: list[tuple[str, int, str, bytes, int]] = []
         for keyed in snap.keyed:
@@ -156,6 +159,7 @@ def prepare(
             rows.append((MODEL, -1, "", snap.model, 0))
         if rows:
             tables.append(("detector_state", _state_table(seq, det.name, rows)))
+        snapshot_s[det.name] = time.perf_counter() - t0
     extra: list[tuple[str, int, str, bytes, int]] = []
     if pipeline.features.changed:
         extra.append((MODEL, -1, ROUTING, pipeline.features.snapshot(), 0))
@@ -184,7 +188,7 @@ def prepare(
         "saved_at": pa.array([now_ms] * len(next_offsets), pa.timestamp("ms")),
     }
     tables.append(("checkpoints", pa.table(positions)))
-    return Prepared(seq, tuple(tables))
+    return Prepared(seq, tuple(tables), snapshot_s)
 
 
 def write(store: Store, prepared: Prepared) -> int:

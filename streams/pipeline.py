@@ -142,7 +142,9 @@ class Pipeline:
         inp = DetectorInput(batch, slots, self.keyspace, before, views, self.references.frozen())
         watermark = self.watermark.observe(batch.partition, batch.ts_ms)
         for det in self.detectors:
+            td = time.perf_counter()
             self._collect(result, det, det.update(inp) + det.advance(watermark))
+            result.stage_s["detector:" + det.name] = time.perf_counter() - td
         self._evict(watermark)
         t2 = time.perf_counter()
         result.stage_s.update(route=t1 - t0, detectors=t2 - t1)

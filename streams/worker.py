@@ -388,6 +388,8 @@ class Worker:
         # prepare: commands, health, lifecycle, changed state rows; write: every sink's rows,
         # state and positions into the store, and the source commit
         c.stage_s["early_write_wait"] = c.stage_s.get("early_write_wait", 0.0) + tw - t0
+        for name, secs in prepared.snapshot_s.items():
+            c.stage_s["snapshot:" + name] = c.stage_s.get("snapshot:" + name, 0.0) + secs
         c.stage_s["checkpoint_prepare"] = c.stage_s.get("checkpoint_prepare", 0.0) + t1 - tw
         c.stage_s["store_write"] = c.stage_s.get("store_write", 0.0) + t2 - t1
         c.stage_s["delivery"] = c.stage_s.get("delivery", 0.0) + time.perf_counter() - t2
