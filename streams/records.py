@@ -50,10 +50,10 @@ def _sparse_map(
             pa.array(offsets), pa.array([], pa.string()), pa.array([], kind)
         )
     np.cumsum(present.sum(axis=1), out=offsets[1:])
-    keys = np.broadcast_to(np.asarray(names, dtype=object), present.shape)[present]
-    return pa.MapArray.from_arrays(
-        pa.array(offsets), pa.array(keys, pa.string()), pa.array(values[present], kind)
-    )
+    # each cell's key as its column's index, taken from the names in Arrow (no str per cell)
+    columns = np.broadcast_to(np.arange(len(names), dtype=np.int32), present.shape)[present]
+    keys = pa.array(names, pa.string()).take(pa.array(columns))
+    return pa.MapArray.from_arrays(pa.array(offsets), keys, pa.array(values[present], kind))
 
 
 def _map(names: Sequence[str], matrix: npt.NDArray[np.float64]) -> pa.Array:

@@ -5,6 +5,9 @@ the source positions, then the source commits. A crash anywhere before the posit
 replays from the previous checkpoint; every table is idempotent, so the replay leaves the same
 rows. Checkpoints happen every ``checkpoint_s`` of wall clock or ``checkpoint_events`` events,
 whichever comes first, and at the end of a file source after its open windows are closed.
+Between checkpoints, buffered ``events`` rows (idempotent, not stamped with a checkpoint) are
+written by a background thread while the next batches are decoded (``EarlyWriter``); each
+checkpoint waits for that write before it stores the rest, so the order above holds.
 """
 
 from __future__ import annotations
