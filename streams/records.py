@@ -84,6 +84,10 @@ def _vector(batch: EventBatch) -> pa.Array:
 def _text(texts: npt.NDArray[np.object_], key: bytes, store_text: str) -> tuple[pa.Array, pa.Array]:
     """(stored text, keyed HMAC-SHA256 fingerprint); raw text is kept only when configured."""
     present = np.flatnonzero(texts != "")
+    if not present.size:  # no text in the batch (tabular models): two columns of ""
+        offsets = pa.py_buffer(bytes(4 * len(texts) + 4))
+        empty = pa.StringArray.from_buffers(len(texts), offsets, pa.py_buffer(b""))
+        return empty, empty
     fingerprints = np.full(len(texts), "", dtype=object)
     for i in present.tolist():
         fingerprints[i] = hmac.new(key, texts[i].encode(), hashlib.sha256).hexdigest()[:32]
