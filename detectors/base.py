@@ -56,8 +56,10 @@ def entity_keys(events: EventBatch, entity_type: str) -> StrArray:
         return events.api_key_id
     if entity_type in ("client_ip", "session"):
         col = events.client_ip if entity_type == "client_ip" else events.session_id
-        prefix = np.char.add(events.partition.astype(str), "|")
-        return np.char.add(prefix, col.astype(str)).astype(object)
+        keys = [f"{p}|{c}" for p, c in zip(events.partition.tolist(), col.tolist(), strict=True)]
+        out: StrArray = np.empty(len(keys), object)
+        out[:] = keys
+        return out
     if entity_type == "model":
         return events.model_id
     if entity_type == "tenant":
