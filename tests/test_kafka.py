@@ -326,9 +326,13 @@ class RecordingWorker(Worker):
         with lock:
             super().__init__(*args, **kw)
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, wait: bool = True) -> None:
         with self.lock:
-            super().checkpoint()
+            super().checkpoint(wait)
+
+    def _finish_checkpoint(self) -> None:
+        with self.lock:
+            super()._finish_checkpoint()
 
     def on_revoke(self, partitions: set[int]) -> None:
         with self.lock:
