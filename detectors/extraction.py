@@ -26,6 +26,21 @@ caller's last 129-256 queries (two blocks of 128), so a batch cut anywhere gives
   0.5 bits above the model's prior, over at least 128 queries. Alone, neither is evidence:
   many honest callers see one class or borderline cases; together they are what adaptive
   sampling produces. (An address mixes models, so its class mix means nothing.)
+- **lattice probing** (AML.T0024.002): grid queries (Tramèr 2016) sweep a few features over
+  evenly spaced values while every other feature stays at one base record; most of them are
+  on the manifold, so the off-manifold share misses a slow grid mixed with natural queries.
+  Each query's raw values are hashed into 8 lanes of 4 bits (feature ``j`` in lane ``j % 8``),
+  and a key keeps one base lane hash and a score: +3 for a fresh query that keeps at least 5
+  of the base's 8 lanes (at most three changed values: every point of a lattice over three
+  features of the base does), -1 for one that does not, and a new base when a query misses
+  at score 0. Fires at 96, e.g. 48 lattice points mixed 1:1 with natural queries; capped at
+  twice that, so a finished lattice is forgotten and the next one found. Two unrelated natural
+  queries share 5 lanes with probability 3e-5 to 1.5e-4 (the fraud model's counts and flags
+  repeat). On the benign population (dev seed 1) the highest score is a what-if explorer's 27
+  (one record and its 10 edits of one or two fields); re-queried records reach 15 (each edit
+  is of a pool record, the next one off it); fixtures and retries are exact repeats and do
+  not move the score. An honest caller who edits one record 50 times is, by behaviour, a
+  lattice, and is flagged. Models with fewer than 8 features have no lattice signal.
 - **PRADA** (Juuti 2019), reported: the caller's last 64 minimum distances (each new,
   non-repeat query to its nearest of the previous 32, uint8) tested for normality every 16th
   distance with a vectorised Shapiro-Wilk (Royston's coefficients and normalisation, as in
@@ -43,7 +58,8 @@ tracked: a session is a slice of one key's traffic, and its state would grow wit
 The per-query geometry and the per-caller pass are compiled loops (:mod:`detectors.kernels`): a
 caller's signals depend on the order of its own queries, which a loop over the batch follows
 directly. State per key: a 32-query ring (8 B projection + 4 B hash each, 384 B), 64 uint8
-distances, two windows of int16 counts, counters and the open episode: 596 bytes a row. An open
+distances, two windows of int16 counts, counters, the lattice base and score (6 B) and the open
+episode: 606 bytes a row. An open
 episode's entity, model, sample event ids and evidence are saved beside the key's row as a
 per-key blob (``Snapshot.extras``), so they move with the key's partition in a rebalance and
 survive a restart. Nothing is model-level: the per-model part (normal-score maps, projection,
@@ -106,7 +122,15 @@ from detectors.base import (
     Output,
     json_evidence,
 )
-from detectors.extraction_state import BLOCK, CallerParams, Episodes, Table, caller_rows
+from detectors.extraction_state import (
+    BLOCK,
+    LATTICE,
+    CallerParams,
+    Episodes,
+    Table,
+    caller_rows,
+)
+from detectors.kernels import LANES, LANES_FIXED
 from detectors.query_sketch import (
     ModelSketch,
     Queries,
@@ -141,6 +165,7 @@ class QueryPattern(Episodes, DetectorBase):
         alpha: float = 1e-9,
         close_after_s: int = 3600,
         prada_alone: bool = False,
+        lattice: int = 96,
     ) -> None:
         if not (0 < near_share <= 1 and 0 < off_share <= 1 and 0 < low_share <= 1):
             raise ValueError("extraction.query_pattern: shares must be in (0, 1]")
@@ -150,11 +175,15 @@ class QueryPattern(Episodes, DetectorBase):
                 f">= 1 and 0 < alpha < 1; found {near_min}, {streak}, {off_min}, "
                 f"{close_after_s}, {alpha}"
             )
+        if not 1 <= lattice <= 8_000:
+            raise ValueError(
+                f"extraction.query_pattern: expected 1 <= lattice <= 8000; found {lattice}"
+            )
         self.near_share, self.near_min, self.streak = near_share, near_min, streak
         self.off_share, self.off_min, self.low_share = off_share, off_min, low_share
         self.coverage_bits, self.alpha, self.close_after_s = coverage_bits, alpha, close_after_s
         self.close_ms = close_after_s * 1000
-        self.prada_alone = prada_alone
+        self.prada_alone, self.lattice = prada_alone, lattice
         top = 2 * BLOCK
         self.thr_near = binomial_thresholds(top, 0.002, alpha, near_share, near_min)
         self.thr_off = binomial_thresholds(top, 0.01, alpha, off_share, off_min)
@@ -169,11 +198,11 @@ class QueryPattern(Episodes, DetectorBase):
         self.params = {
             "api_key": CallerParams(
                 self.thr_near, self.thr_off, self.thr_low, streak, coverage_bits, prada_alone,
-                True, EXPLAIN_MS,
+                True, EXPLAIN_MS, lattice,
             ),
             "client_ip": CallerParams(
                 self.addr_near, self.addr_off, self.thr_low, f * streak, coverage_bits,
-                prada_alone, False, EXPLAIN_MS,
+                prada_alone, False, EXPLAIN_MS, f * lattice,
             ),
         }  # fmt: skip
         self._sketches: dict[tuple[str, str], tuple[Reference, ModelSketch | None]] = {}
@@ -258,7 +287,7 @@ class QueryPattern(Episodes, DetectorBase):
             self._evidence(got.hit[i], got.counts[i], int(got.n_w[i]), int(got.streak[i]),
                            float(got.z[i]), float(got.ent[i]), qs, int(rows[i]), int(got.seq[i]),
                            int(p.thr_near[got.n_all[i]]), int(p.thr_off[got.n_w[i]]),
-                           int(got.n_all[i]))
+                           int(got.n_all[i]), int(got.lat[i]), p.lattice)
             for i in idx.tolist()
         ]  # fmt: skip
         self._episodes(et, table, batch, rows[idx], slots[idx], score, evidence, alerts)
@@ -267,13 +296,14 @@ class QueryPattern(Episodes, DetectorBase):
     def _evidence(
         self, hit: npt.NDArray[np.bool_], c: npt.NDArray[np.int32], n_w: int,
         streak: int, z: float, ent: float, qs: Queries, row: int, seq: int, t_near: int,
-        t_off: int, n_all: int,
+        t_off: int, n_all: int, lat: int, t_lat: int,
     ) -> dict[str, Any]:  # fmt: skip
-        names = ("near_duplicates", "near_duplicate_streak", "off_manifold", "prada", "boundary")
+        names = ("near_duplicates", "near_duplicate_streak", "off_manifold", "prada", "boundary",
+                 "lattice")  # fmt: skip
         signals = [n for n, h in zip(names, hit.tolist(), strict=True) if h]
         evasion = bool(hit[0] or hit[1])
         atlas = (["AML.T0043"] if evasion else []) + (
-            ["AML.T0024.002"] if hit[2] or hit[3] or hit[4] else []
+            ["AML.T0024.002"] if hit[2] or hit[3] or hit[4] or hit[5] else []
         )
         label = "near_duplicate_query" if evasion else "extraction_query"
         return {
@@ -295,5 +325,9 @@ class QueryPattern(Episodes, DetectorBase):
             "prior_entropy_bits": round(float(qs.h_prior[row]), 3),
             "prada_z": round(z, 3) if np.isfinite(z) else 99.0,
             "prada_threshold": round(float(qs.prada[row]), 3),
+            "lattice_queries": int(c[LATTICE]),
+            "lattice_score": lat,
+            "lattice_threshold": t_lat,
+            "lattice_lanes_fixed": f">= {LANES_FIXED} of {LANES}",
             "queries_seen": seq + 1,
         }

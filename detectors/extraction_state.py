@@ -28,9 +28,11 @@ from detectors.episodes import restore_episodes, restore_keyed, snapshot_extras
 from detectors.query_sketch import DISTS, PROJ_DIM, RING, SW_A, SW_MU, SW_SIGMA, Queries
 
 BLOCK = 128  # queries per window block; a window is the previous block and the current one
-# windowed signals: near-duplicate, off-manifold, low-margin, exact repeat, then 8 class buckets
+# windowed signals: near-duplicate, off-manifold, low-margin, exact repeat, 8 class buckets,
+# then queries on the key's lattice base
 SIGNALS = ("near_dup", "off_manifold", "low_margin", "repeat")
-N_SIG = len(SIGNALS) + 8
+N_SIG = len(SIGNALS) + 8 + 1
+LATTICE = N_SIG - 1
 
 COLUMNS: dict[str, tuple[Any, Any]] = {
     "seq": (np.int64, 0),  # queries seen
@@ -53,6 +55,8 @@ COLUMNS: dict[str, tuple[Any, Any]] = {
     "ep_count": (np.int64, 0),  # flagged queries in the episode
     "ep_peak": (np.float32, 0.0),
     "ep_seq0": (np.int64, 0),  # queries seen before the episode opened
+    "lat_base": (np.uint32, 0),  # lane hash of the key's lattice base record
+    "lat_score": (np.int16, 0),  # +3 per fresh query on the base, -1 off it (floor 0, cap)
 }
 
 
@@ -67,14 +71,15 @@ class CallerParams(NamedTuple):
     prada_alone: bool
     is_key: bool
     explain_ms: int
+    lattice: int  # lattice score that fires
 
 
 class CallerRows(NamedTuple):
     """Per processed row (batch order)."""
 
     flag: npt.NDArray[np.bool_]
-    hit: npt.NDArray[np.bool_]  # (m, 5): near, streak, off, prada, boundary
-    ratios: npt.NDArray[np.float64]  # (m, 5)
+    hit: npt.NDArray[np.bool_]  # (m, 6): near, streak, off, prada, boundary, lattice
+    ratios: npt.NDArray[np.float64]  # (m, 6)
     counts: npt.NDArray[np.int32]  # (m, N_SIG) window counts
     n_w: npt.NDArray[np.int64]  # queries in the non-repeat window
     n_all: npt.NDArray[np.int64]  # queries in the all-query window
@@ -83,6 +88,7 @@ class CallerRows(NamedTuple):
     ent: npt.NDArray[np.float64]  # class entropy of the window, bits
     seq: npt.NDArray[np.int64]  # the key's queries before this one
     covered: npt.NDArray[np.bool_]  # within an episode of the key (explains the row)
+    lat: npt.NDArray[np.int16]  # the key's lattice score after the row
 
 
 @dataclass(slots=True)
@@ -134,9 +140,10 @@ def caller_rows(
     m, cap = rows.size, cols["seq"].size
     q = np.ascontiguousarray(qs.q[rows])
     out = CallerRows(
-        np.zeros(m, bool), np.zeros((m, 5), bool), np.zeros((m, 5)), np.zeros((m, N_SIG), np.int32),
+        np.zeros(m, bool), np.zeros((m, 6), bool), np.zeros((m, 6)), np.zeros((m, N_SIG), np.int32),
         np.zeros(m, np.int64), np.zeros(m, np.int64), np.zeros(m, np.int64),
         np.zeros(m, np.float32), np.zeros(m), np.zeros(m, np.int64), np.zeros(m, bool),
+        np.zeros(m, np.int16),
     )  # fmt: skip
     kernels.caller_pass(
         slots, q.view(np.int64)[:, 0], q, qs.h[rows], qs.off[rows], qs.low[rows],
@@ -147,7 +154,8 @@ def caller_rows(
         cols["cur_all"], cols["prev_all"], cols["last_flag"], dirty,
         params.thr_near, params.thr_off, params.thr_low, float(params.streak),
         float(params.coverage_bits), params.prada_alone, params.is_key, params.explain_ms,
-        BLOCK, SW_A, SW_MU, SW_SIGMA, *out,
+        BLOCK, SW_A, SW_MU, SW_SIGMA, *out[:11], qs.lanes[rows], cols["lat_base"],
+        cols["lat_score"], params.lattice, out.lat,
     )  # fmt: skip
     return out
 

@@ -90,6 +90,50 @@ def _enter_block(blk: Any, cur: Any, prev: Any, s: int, b: int) -> None:
         blk[s] = b
 
 
+# lattice probing: a query's raw values hashed into LANES lanes of 4 bits (feature j in lane
+# j % LANES); it keeps the key's base record when at least LANES_FIXED lanes are equal
+LANES = 8
+LANES_FIXED = 5
+LATTICE_GAIN = 3  # score per query on the base; a query off it takes 1
+NO_LANES = np.uint32(0xFFFFFFFF)  # fewer features than lanes: no lattice signal
+
+
+@_njit
+def lanes_fixed(a: Any, b: Any) -> int:
+    """Lanes (4 bits each) equal in two lane hashes."""
+    x = np.uint64(a) ^ np.uint64(b)
+    same = 0
+    for k in range(LANES):
+        if (x >> np.uint64(4 * k)) & np.uint64(15) == np.uint64(0):
+            same += 1
+    return same
+
+
+@_njit
+def lane_hashes(bits: Any, out: Any) -> None:
+    """``out[i]``: row ``i`` of ``bits`` (raw float64 values as uint64, NaN and -0.0
+    normalised) hashed into ``LANES`` lanes of 4 bits, feature ``j`` into lane ``j % LANES``:
+    two queries that differ in ``k`` features differ in at most ``k`` lanes, and two unrelated
+    ones agree on a lane with probability 1/16."""
+    n, d = bits.shape
+    acc = np.zeros(LANES, np.uint64)
+    for i in range(n):
+        acc[:] = 0
+        for j in range(d):
+            b = bits[i, j]
+            m = (b ^ (b >> np.uint64(29))) * (
+                np.uint64(j + 1) * np.uint64(0x9E3779B97F4A7C15) | np.uint64(1)
+            )
+            acc[j % LANES] ^= m
+        h = np.uint64(0)
+        for k in range(LANES):
+            v = acc[k] ^ np.uint64(k)
+            v = (v ^ (v >> np.uint64(31))) * np.uint64(0xBF58476D1CE4E5B9)
+            v = v ^ (v >> np.uint64(32))
+            h |= (v >> np.uint64(60)) << np.uint64(4 * k)
+        out[i] = h if h != np.uint64(NO_LANES) else h - np.uint64(1)
+
+
 @_njit
 def caller_pass(
     slots: Any, qw: Any, q: Any, h: Any, off: Any, low: Any, bucket: Any, near_r: Any,
@@ -102,10 +146,13 @@ def caller_pass(
     sw_sigma: float,
     o_flag: Any, o_hit: Any, o_ratios: Any, o_counts: Any, o_nw: Any, o_nall: Any,
     o_streak: Any, o_z: Any, o_ent: Any, o_seq: Any, o_covered: Any,
+    lanes: Any, lat_base: Any, lat_score: Any, lattice_fire: int, o_lat: Any,
 ) -> None:  # fmt: skip
     ring, proj, n_dist, n_sig = ring_w.shape[1], q.shape[1], dists.shape[1], cur_c.shape[1]
+    n_cls = n_sig - 5  # near, off, low, repeat, the class buckets, lattice last
+    lat_cap = 2 * lattice_fire
     flags = np.zeros(n_sig, np.int16)
-    p = np.zeros(n_sig - 4)
+    p = np.zeros(n_cls)
     for i in range(slots.size):
         s = slots[i]
         t = seq_c[s]
@@ -145,6 +192,16 @@ def caller_pass(
         if fresh:
             dseq_c[s] += 1
         dseq = max(dseq_c[s] - 1, 0)
+        # -- lattice: fresh queries that keep the key's base record on all but a few lanes
+        lat = False
+        if fresh and lanes[i] != NO_LANES:
+            lat = lanes_fixed(lanes[i], lat_base[s]) >= LANES_FIXED
+            if lat:
+                lat_score[s] = min(lat_score[s] + LATTICE_GAIN, lat_cap)
+            elif lat_score[s] > 0:
+                lat_score[s] -= 1
+            else:
+                lat_base[s] = lanes[i]
         flags[:] = 0
         flags[0] = near
         flags[3] = repeat
@@ -153,6 +210,7 @@ def caller_pass(
             flags[2] = low[i]
             if bucket[i] >= 0:
                 flags[4 + bucket[i]] = 1
+            flags[n_sig - 1] = lat
         _enter_block(blk_c, cur_c, prev_c, s, dseq // block)
         cur_c[s, :] += flags
         for k in range(n_sig):
@@ -167,10 +225,10 @@ def caller_pass(
         n_all = (block if t >= block else 0) + t % block + 1
         # -- class coverage
         classified = 0
-        for k in range(4, n_sig):
+        for k in range(4, 4 + n_cls):
             classified += o_counts[i, k]
         p[:] = 0.0
-        for k in range(4, n_sig):
+        for k in range(4, 4 + n_cls):
             c = o_counts[i, k]
             if c > 0:
                 pk = c / classified
@@ -184,11 +242,12 @@ def caller_pass(
         o_ratios[i, 2] = o_counts[i, 1] / thr_off[n_w]
         o_ratios[i, 3] = z / prada_thr[i] if prada_on and prada_alone else 0.0
         o_ratios[i, 4] = o_counts[i, 2] / thr_low[n_w] if cover else 0.0
+        o_ratios[i, 5] = lat_score[s] / lattice_fire if lat else 0.0
         flag = False
-        for k in range(5):
+        for k in range(6):
             o_hit[i, k] = o_ratios[i, k] >= 1.0
         o_hit[i, 3] = prada_on and prada_alone
-        for k in range(5):
+        for k in range(6):
             flag = flag or o_hit[i, k]
         # -- ring and counters
         ring_w[s, t % ring] = qw[i]
@@ -199,7 +258,7 @@ def caller_pass(
             last_flag[s] = ts[i]
         lf = last_flag[s]
         o_flag[i], o_nw[i], o_nall[i], o_streak[i] = flag, n_w, n_all, streak
-        o_z[i], o_ent[i], o_seq[i] = z, ent, t
+        o_z[i], o_ent[i], o_seq[i], o_lat[i] = z, ent, t, lat_score[s]
         o_covered[i] = lf != NONE and ts[i] <= lf + explain_ms
 
 

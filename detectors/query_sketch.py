@@ -15,6 +15,9 @@ codes on the model's stable index) is turned into:
 - an **exact hash** (32 bits of the raw values) that tells a byte-identical repeat (a retry, a
   re-scored record, a test fixture) from a near-duplicate (a perturbation too small to survive
   the quantisation).
+- a **lane hash** (8 lanes of 4 bits, feature ``j`` in lane ``j % 8``): two queries that
+  differ in ``k`` raw values differ in at most ``k`` lanes, so a lattice over a few features
+  of one base record keeps most lanes of the base (models with at least 8 features).
 - an **off-manifold distance**: Euclidean distance in ``z`` to the nearest of up to 256 anchor
   rows of the reference; a query is off-manifold when it is farther than the ``1 - OFF_RATE``
   quantile of the same distance for the reference rows that are not anchors (null rate 1%).
@@ -116,6 +119,16 @@ def exact_hash(rows: F64) -> U32:
     h = (h ^ (h >> np.uint64(31))) * np.uint64(0xBF58476D1CE4E5B9)
     h = h ^ (h >> np.uint64(32))
     out: U32 = (h & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    return out
+
+
+def lane_hash(rows: F64) -> U32:
+    """Lane hash of each row's raw values (:func:`detectors.kernels.lane_hashes`); models with
+    fewer features than lanes get ``NO_LANES`` (a lattice over a few of them fixes nothing)."""
+    out: U32 = np.full(rows.shape[0], kernels.NO_LANES, np.uint32)
+    if rows.shape[1] >= kernels.LANES:
+        x = np.where(np.isnan(rows), np.inf, rows) + 0.0
+        kernels.lane_hashes(np.ascontiguousarray(x, np.float64).view(np.uint64), out)
     return out
 
 
@@ -286,12 +299,13 @@ def _null_calibration(q: I8, rng: np.random.Generator) -> tuple[float, float]:
 
 
 class Queries:
-    """Per batch row: the query's projection, hash and per-query flags (``ok`` rows only)."""
+    """Per batch row: the query's projection, hashes and per-query flags (``ok`` rows only)."""
 
     def __init__(self, n: int) -> None:
         self.ok = np.zeros(n, bool)
         self.q = np.zeros((n, PROJ_DIM), np.int8)
         self.h = np.zeros(n, np.uint32)
+        self.lanes = np.full(n, kernels.NO_LANES, np.uint32)
         self.off = np.zeros(n, bool)
         self.low = np.zeros(n, bool)
         self.bucket = np.full(n, -1, np.int64)
@@ -338,6 +352,7 @@ def batch_queries(
             out.ok[rows] = True
             out.q[rows] = sk.project(z)
             out.h[rows] = exact_hash(x)
+            out.lanes[rows] = lane_hash(x)
             out.off[rows] = sk.off_manifold(z)
             scores = reference_scores(view.scores[sel], view.score_labels, sk.score_labels)
             with np.errstate(invalid="ignore"):

@@ -20,6 +20,7 @@ from sim_fixtures import world
 from detectors.base import KeySpace, Snapshot
 from detectors.extraction import EXPLAIN_MS, QueryPattern
 from detectors.extraction_state import BLOCK
+from detectors.kernels import LANES, LANES_FIXED, NO_LANES
 from detectors.query_sketch import DISTS, RING, shapiro_z
 from detectors.reference import Reference
 from detectors.routing import FeatureIndex, route
@@ -90,6 +91,33 @@ def test_extraction_slow_attack_mixed_with_benign_queries_is_alerted() -> None:
     assert alerted(run(batches(tr))) == {"key_slow"}
 
 
+def test_extraction_slow_grid_mixed_with_benign_queries_is_alerted_as_a_lattice() -> None:
+    """A lattice over three features of one record, mixed 1:1 with natural queries of the same
+    key, among 40 benign callers, a what-if explorer (11 records, 10 edits of one or two fields
+    each) and a regression-fixture caller (300 records, one in ten at the range's edges, four
+    runs): only the grid's key is alerted, on its lattice."""
+    w, rng = world(), np.random.default_rng(12)
+    grid = attack_queries("grid", w, 0, rng, 300)
+    mix = np.concatenate([grid, w.natural(0, rng, 300)])[rng.permutation(600)]
+    tr, attacker = sim_fixtures.among_benign(0, mix, 12)
+    base = w.natural(0, rng, 11)
+    edits = np.repeat(base, 10, axis=0)
+    cols = rng.integers(0, 16, (110, 2))
+    edits[np.arange(110)[:, None], cols] *= 1.0 + np.tile(np.arange(10), 11)[:, None] * 0.1
+    tr.add(START_MS + np.arange(110) * 20_000, "key_whatif01", ["192.0.2.4"], 0, edits)
+    fx = w.natural(0, rng, 300)
+    edge = rng.random(300) < 0.1
+    fx[edge] = np.where(rng.random((int(edge.sum()), 16)) < 0.5, w.lo[0], w.hi[0])
+    for run_ms in (0, 600_000, 1_200_000, 1_800_000):
+        tr.add(START_MS + run_ms + np.arange(300) * 200, "key_fixture01", ["10.1.2.3"], 0, fx)
+    r = run(batches(tr))
+    assert alerted(r) == {attacker}
+    ev = next(a for _, out in r.log for a in out.alerts if a.entity == attacker).evidence
+    assert "lattice" in ev["signals"] and ev["atlas"] == ["AML.T0024.002"]
+    assert ev["lattice_score"] >= ev["lattice_threshold"] and ev["lattice_queries"] > 0
+    assert ev["queries_before"] < 150  # of the key's 600: the grid's first 60-odd queries
+
+
 def test_extraction_benign_mix_raises_nothing() -> None:
     """Retry loops, re-queried records, what-if edits, fixtures, NAT addresses, batch jobs.
     (Seed 3 of this size holds a retry caller whose records sit at the edge of the model's
@@ -103,8 +131,13 @@ def test_extraction_benign_mix_raises_nothing() -> None:
 def mixed() -> tuple[EventBatch, ...]:
     tr, _ = attack_stream("boundary", 0, 500, seed=9)
     extra, _ = attack_stream("random", 2, 300, seed=10)
-    for name in ("ts", "key", "ip", "session", "model", "x", "tag"):
-        getattr(tr, name).extend(getattr(extra, name))
+    grid, _ = attack_stream("grid", 2, 200, seed=11)
+    grid.key = [
+        np.array([k.replace("key_", "key_g") for k in a.tolist()], object) for a in grid.key
+    ]
+    for more in (extra, grid):
+        for name in ("ts", "key", "ip", "session", "model", "x", "tag"):
+            getattr(tr, name).extend(getattr(more, name))
     return tuple(batches(tr, 700))
 
 
@@ -250,7 +283,7 @@ class NaiveQueryPattern:
         st = self.keys.setdefault((et, key), {
             "ring": deque(maxlen=RING), "dists": deque(maxlen=DISTS), "n_dists": 0, "seq": 0,
             "dseq": 0, "z": np.float32(0.0), "streak": 0, "blocks": {}, "last_flag": None,
-            "all": {},
+            "all": {}, "base": 0, "lat": 0,
         })  # fmt: skip
         q, h = qs.q[i].astype(np.int64), int(qs.h[i])
         d2 = [int(((q - cq.astype(np.int64)) ** 2).sum()) for cq, _ in st["ring"]]
@@ -268,15 +301,27 @@ class NaiveQueryPattern:
         if not repeat:
             st["dseq"] += 1
         dseq = max(st["dseq"] - 1, 0)
-        flags = np.zeros(12, np.int64)
+        is_key = et == "api_key"
+        lanes, lat = int(qs.lanes[i]), False
+        if not repeat and lanes != NO_LANES:
+            same = sum((lanes >> 4 * k) & 15 == (st["base"] >> 4 * k) & 15 for k in range(LANES))
+            lat = same >= LANES_FIXED
+            cap = 2 * d.lattice * (1 if is_key else 2)
+            if lat:
+                st["lat"] = min(st["lat"] + 3, cap)
+            elif st["lat"] > 0:
+                st["lat"] -= 1
+            else:
+                st["base"] = lanes
+        flags = np.zeros(13, np.int64)
         flags[0], flags[3] = near, repeat
         if not repeat:
-            flags[1], flags[2] = qs.off[i], qs.low[i]
+            flags[1], flags[2], flags[12] = qs.off[i], qs.low[i], lat
             if qs.bucket[i] >= 0:
                 flags[4 + qs.bucket[i]] = 1
         blk = dseq // BLOCK
-        st["blocks"][blk] = st["blocks"].get(blk, np.zeros(12, np.int64)) + flags
-        c = st["blocks"][blk] + st["blocks"].get(blk - 1, np.zeros(12, np.int64))
+        st["blocks"][blk] = st["blocks"].get(blk, np.zeros(13, np.int64)) + flags
+        c = st["blocks"][blk] + st["blocks"].get(blk - 1, np.zeros(13, np.int64))
         st["blocks"] = {b: v for b, v in st["blocks"].items() if b >= blk - 1}
         n_w = (BLOCK if dseq >= BLOCK else 0) + dseq % BLOCK + 1
         seq = st["seq"]  # near-duplicates and repeats: a share of all queries
@@ -285,14 +330,14 @@ class NaiveQueryPattern:
         c[0] = st["all"][ab] + st["all"].get(ab - 1, 0)
         st["all"] = {b: v for b, v in st["all"].items() if b >= ab - 1}
         n_all = (BLOCK if seq >= BLOCK else 0) + seq % BLOCK + 1
-        is_key = et == "api_key"
         t_near = (d.thr_near if is_key else d.addr_near)[n_all]
         t_off = (d.thr_off if is_key else d.addr_off)[n_w]
-        p = c[4:] / max(c[4:].sum(), 1)
+        p = c[4:12] / max(c[4:12].sum(), 1)
         ent = float(-sum(x * np.log2(x) for x in p if x > 0))
-        cover = ent >= qs.h_prior[i] + d.coverage_bits and c[4:].sum() >= BLOCK and is_key
+        cover = ent >= qs.h_prior[i] + d.coverage_bits and c[4:12].sum() >= BLOCK and is_key
         ratios = [c[0] / t_near, st["streak"] / (d.streak * (1 if is_key else 2)),
-                  c[1] / t_off, 0.0, c[2] / d.thr_low[n_w] if cover else 0.0]  # fmt: skip
+                  c[1] / t_off, 0.0, c[2] / d.thr_low[n_w] if cover else 0.0,
+                  st["lat"] / (d.lattice * (1 if is_key else 2)) if lat else 0.0]  # fmt: skip
         hit = [r >= 1.0 for r in ratios]
         hit[3] = False
         ts = int(batch.ts_ms[i])
