@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -71,7 +70,6 @@ class Buffers:
         return sum(t.num_rows for parts in self.tables.values() for t in parts)
 
 
-T = TypeVar("T")
 EARLY = ("events",)  # idempotent and not stamped with a checkpoint: may be written before it
 
 
@@ -107,13 +105,9 @@ class EarlyWriter:
             return
         tables = [(name, buffers.tables.pop(name)) for name in EARLY if name in buffers.tables]
         self._tables = [(name, pa.concat_tables(parts)) for name, parts in tables]
-        self._flight = self.submit(self._write, self._tables)
-
-    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
-        """Run ``fn`` on the writer thread, after every write submitted before it."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="inferwatch-store-write")
-        return self._pool.submit(fn, *args)
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="inferwatch-early-write")
+        self._flight = self._pool.submit(self._write, self._tables)
 
     def _write(self, tables: list[tuple[str, pa.Table]]) -> None:
         for name, table in tables:

@@ -17,8 +17,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
-from concurrent.futures import wait as wait_for
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -72,19 +70,6 @@ class WorkerSettings:
 
 
 @dataclass
-class _Pending:
-    """A checkpoint whose store writes run on the writer thread."""
-
-    rows: Rows
-    prepared: Prepared
-    number: int
-    notes: list[Notification]
-    offsets: dict[int, int]
-    started: float
-    future: Future[float]
-
-
-@dataclass
 class Counters:
     """What the worker has done; the metrics endpoint and the progress bar read these."""
 
@@ -131,7 +116,6 @@ class Worker:
         self._alert_ids: set[str] = set()  # episodes seen by this process (few: one per episode)
         self.buffers = Buffers()
         self.early = EarlyWriter(store, min_rows=s.batch_max)
-        self._pending: _Pending | None = None  # the checkpoint whose writes are in flight
         self.hmac_key = hmac_key(store)
         self.stop_requested = threading.Event()
         self.commands: list[Callable[[Worker], None]] = []  # applied at the next checkpoint
@@ -204,8 +188,6 @@ class Worker:
         if self.outage is not None:
             self._assigned_in_outage |= partitions
             return {}
-        if self._pending is not None:  # its positions are for partitions we had, not these
-            wait_for([self._pending.future])
         checkpoint.load(self.store, self.pipeline, partitions, model_level=False)
         saved = checkpoint.positions(self.store, self.source.name)
         out = {p: saved[p][0] for p in partitions if p in saved}
@@ -259,8 +241,6 @@ class Worker:
                 self.counters.batches_total += 1
                 self.faults.kill("kill_mid_batch", self.counters.batches_total)
             self.next_offsets.update(polled.next_offsets)
-            if self._pending is not None and self._pending.future.done():
-                self._finish_checkpoint()
             if progress is not None:
                 progress(self)
             if self.source.exhausted:
@@ -272,11 +252,10 @@ class Worker:
                 break
             if self._checkpoint_due():
                 if self._idle():
-                    self._finish_checkpoint()
                     self._deliver()  # nothing to save: only retry what waits for a route
                     self._last_checkpoint = time.monotonic()
                 else:
-                    self.checkpoint(wait=False)
+                    self.checkpoint()
         self.checkpoint()
         if not self._idle():  # what the last delivery raised (a route down) goes in too
             self.checkpoint()
@@ -374,18 +353,10 @@ class Worker:
             self.buffers.alerts[rec["alert_id"]] = rec
         gaps.clear()
 
-    def checkpoint(self, wait: bool = True) -> None:
+    def checkpoint(self) -> None:
         """Flush every sink, save state and positions, commit, then deliver alerts. Store
         failures of the transient class are retried through :meth:`_write` until the store is
-        back (or the worker is stopped, which then exits without committing).
-
-        With ``wait=False`` (the run loop's periodic checkpoints) the store writes of a
-        checkpoint that has nothing for the outbox or the DLQ run on the writer thread while
-        the next batches are processed; the source commit and delivery follow in
-        :meth:`_finish_checkpoint`, once the writes are done (checked every loop turn, and
-        before any other checkpoint, delivery or assignment). One checkpoint is in flight at
-        most, and a failed one is retried here, synchronously, as before."""
-        self._finish_checkpoint()
+        back (or the worker is stopped, which then exits without committing)."""
         t0 = time.perf_counter()
         self.early.drain(self.buffers)  # the events written early are in the store from here
         tw = time.perf_counter()
@@ -398,66 +369,32 @@ class Worker:
         self._check_health()
         notes = self._lifecycle()
         rows = self.buffers.take()
-        offsets = dict(self.next_offsets)
         prepared = checkpoint.prepare(
-            self.store, self.pipeline, self.source.name, offsets,
+            self.store, self.pipeline, self.source.name, dict(self.next_offsets),
             self.buffers.references, {LIFECYCLE: self.lifecycle.state_bytes()},
         )  # fmt: skip
         self.buffers.references = []
         dlq, self._dlq = self._dlq, []
-        rows = rows.with_seq(prepared.seq)
-        self._since_checkpoint = 0
-        self._last_checkpoint = time.monotonic()  # the next one is due from here
-        c = self.counters
-        c.stage_s["early_write_wait"] = c.stage_s.get("early_write_wait", 0.0) + tw - t0
-        for name, secs in prepared.snapshot_s.items():
-            c.stage_s["snapshot:" + name] = c.stage_s.get("snapshot:" + name, 0.0) + secs
         t1 = time.perf_counter()
-        c.stage_s["checkpoint_prepare"] = c.stage_s.get("checkpoint_prepare", 0.0) + t1 - tw
-        staged = self.outbox is not None and (rows.alerts or notes)
-        if wait or staged or dlq or self.outage is not None:
-            self._write(rows, prepared, dlq, number, notes)
-            c.stage_s["store_write"] = c.stage_s.get("store_write", 0.0) + time.perf_counter() - t1
-            self._committed(number, offsets, t0)
-            return
-        future = self.early.submit(self._write_once, rows, prepared, number)
-        self._pending = _Pending(rows, prepared, number, notes, offsets, t0, future)
-
-    def _write_once(self, rows: Rows, prepared: Prepared, number: int) -> float:
-        """On the writer thread: a checkpoint's rows, then its state and positions."""
-        t0 = time.perf_counter()
-        rows.write(self.store)
-        self.faults.kill("kill_after_flush", number)
-        checkpoint.write(self.store, prepared)
-        return time.perf_counter() - t0
-
-    def _finish_checkpoint(self) -> None:
-        """Complete the checkpoint in flight, if any: wait for its writes (or retry them here if
-        they failed), then commit its positions and deliver."""
-        job, self._pending = self._pending, None
-        if job is None:
-            return
-        t0 = time.perf_counter()
-        c = self.counters
-        try:
-            secs = job.future.result()
-            c.stage_s["store_write_bg"] = c.stage_s.get("store_write_bg", 0.0) + secs
-        except TransientStoreError:
-            self._write(job.rows, job.prepared, [], job.number, job.notes)
-        c.stage_s["store_write"] = c.stage_s.get("store_write", 0.0) + time.perf_counter() - t0
-        self._committed(job.number, job.offsets, job.started)
-
-    def _committed(self, number: int, offsets: dict[int, int], started: float) -> None:
-        """A checkpoint's state and positions are in the store: commit, then deliver."""
+        prepared = self._write(rows.with_seq(prepared.seq), prepared, dlq, number, notes)
         self.faults.kill("kill_after_save", number)
-        self.source.commit(offsets)
+        self.source.commit(self.next_offsets)
+        self._since_checkpoint = 0
         t2 = time.perf_counter()
         if self.outbox is not None:
             self.faults.kill("kill_before_delivery", number)
         self._deliver()
+        self._last_checkpoint = time.monotonic()
         c = self.counters
         c.checkpoints_total += 1
-        c.last_checkpoint_s = time.perf_counter() - started
+        c.last_checkpoint_s = time.perf_counter() - t0
+        # prepare: commands, health, lifecycle, changed state rows; write: every sink's rows,
+        # state and positions into the store, and the source commit
+        c.stage_s["early_write_wait"] = c.stage_s.get("early_write_wait", 0.0) + tw - t0
+        for name, secs in prepared.snapshot_s.items():
+            c.stage_s["snapshot:" + name] = c.stage_s.get("snapshot:" + name, 0.0) + secs
+        c.stage_s["checkpoint_prepare"] = c.stage_s.get("checkpoint_prepare", 0.0) + t1 - tw
+        c.stage_s["store_write"] = c.stage_s.get("store_write", 0.0) + t2 - t1
         c.stage_s["delivery"] = c.stage_s.get("delivery", 0.0) + time.perf_counter() - t2
 
     def _check_health(self) -> None:

@@ -326,13 +326,9 @@ class RecordingWorker(Worker):
         with lock:
             super().__init__(*args, **kw)
 
-    def checkpoint(self, wait: bool = True) -> None:
+    def checkpoint(self) -> None:
         with self.lock:
-            super().checkpoint(wait)
-
-    def _finish_checkpoint(self) -> None:
-        with self.lock:
-            super()._finish_checkpoint()
+            super().checkpoint()
 
     def on_revoke(self, partitions: set[int]) -> None:
         with self.lock:
