@@ -170,18 +170,24 @@ def main() -> None:
         kinds = ["worker", "kafka"] + ([] if args.skip_baseline else ["baseline"])
         kinds = [args.only] if args.only else kinds
         for kind in kinds:
-            rates, stage_runs = [], []
+            rates, whole, stage_runs = [], [], []
             for _ in range(args.runs):
                 a = in_subprocess(kind, small)
                 b = in_subprocess(kind, large)
                 rate = (args.large - args.small) / (float(b["seconds"]) - float(a["seconds"]))
                 rates.append(rate)
+                whole.append(args.large / float(b["seconds"]))
                 if kind != "baseline":
                     stage_runs.append(b["stages"])
             what = "kafka -> chdb" if kind == "kafka" else "file -> chdb "
             print(
                 f"{kind:9} {what}: {statistics.median(rates):>10,.0f} events/s "
                 f"(runs: {', '.join(f'{r:,.0f}' for r in rates)})"
+            )
+            print(
+                f"{'':9} {'whole run':13}: {statistics.median(whole):>10,.0f} events/s "
+                f"({args.large:,} events over the whole run, start-up included; runs: "
+                f"{', '.join(f'{r:,.0f}' for r in whole)})"
             )
             if stage_runs:
                 stages = stage_runs[len(stage_runs) // 2]
