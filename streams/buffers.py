@@ -107,11 +107,7 @@ class EarlyWriter:
         self._tables = [(name, pa.concat_tables(parts)) for name, parts in tables]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="inferwatch-early-write")
-        self._flight = self._pool.submit(self._write, self._tables)
-
-    def _write(self, tables: list[tuple[str, pa.Table]]) -> None:
-        for name, table in tables:
-            self.store.insert_arrow(name, table)
+        self._flight = self._pool.submit(Rows(self._tables, []).write, self.store)
 
     def _settle(self) -> None:
         """Collect the finished write: a transient failure keeps its rows for the checkpoint."""

@@ -87,6 +87,9 @@ class Counters:
     last_batch_s: float = 0.0
     stage_s: dict[str, float] = field(default_factory=dict)
 
+    def add_stage(self, stage: str, secs: float) -> None:
+        self.stage_s[stage] = self.stage_s.get(stage, 0.0) + secs
+
 
 class Worker:
     def __init__(
@@ -322,8 +325,8 @@ class Worker:
             self.buffers.add("window_metrics", records.metrics_table(result.metrics))
         self.buffers.references.extend(result.new_references)
         for stage, secs in result.stage_s.items():
-            c.stage_s[stage] = c.stage_s.get(stage, 0.0) + secs
-        c.stage_s["sink_build"] = c.stage_s.get("sink_build", 0.0) + time.perf_counter() - t0
+            c.add_stage(stage, secs)
+        c.add_stage("sink_build", time.perf_counter() - t0)
 
     def _count_alert(self, rec: dict[str, Any]) -> None:
         """Count each alert episode once, when this worker first sees it."""
@@ -390,12 +393,12 @@ class Worker:
         c.last_checkpoint_s = time.perf_counter() - t0
         # prepare: commands, health, lifecycle, changed state rows; write: every sink's rows,
         # state and positions into the store, and the source commit
-        c.stage_s["early_write_wait"] = c.stage_s.get("early_write_wait", 0.0) + tw - t0
+        c.add_stage("early_write_wait", tw - t0)
         for name, secs in prepared.snapshot_s.items():
-            c.stage_s["snapshot:" + name] = c.stage_s.get("snapshot:" + name, 0.0) + secs
-        c.stage_s["checkpoint_prepare"] = c.stage_s.get("checkpoint_prepare", 0.0) + t1 - tw
-        c.stage_s["store_write"] = c.stage_s.get("store_write", 0.0) + t2 - t1
-        c.stage_s["delivery"] = c.stage_s.get("delivery", 0.0) + time.perf_counter() - t2
+            c.add_stage("snapshot:" + name, secs)
+        c.add_stage("checkpoint_prepare", t1 - tw)
+        c.add_stage("store_write", t2 - t1)
+        c.add_stage("delivery", time.perf_counter() - t2)
 
     def _check_health(self) -> None:
         """Consumer lag and dead-letter spikes (streams/health.py), into this checkpoint."""

@@ -116,6 +116,7 @@ def test_flags_beat_environment_beats_file(tmp_path: Path) -> None:
         ('[detectors."abuse.rate_spike"]\nmin_count = 2.5', "min_count: expected an integer"),
         ('[detectors."abuse.rate_spike"]\nratio = 0.5', "abuse.rate_spike: "),
         ('[detectors."abuse.rate_spike"]\nenabled = "no"', "enabled: expected true or false"),
+        ('[detectors."extraction.query_pattern"]\nlattice = 0', "expected 1 <= lattice <= 8000"),
         ('[lifecycle]\ngroup_by = ["colour"]', "lifecycle.group_by.0: 'colour' is not one"),
         ("[lifecycle]\ngroup_wait_s = -1", "lifecycle.group_wait_s: -1 is less than"),
         ('[[silences]]\nmatchers = ["detector=x"]', "silences.0: 'ends' is a required"),
