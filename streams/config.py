@@ -69,8 +69,8 @@ class Config:
         return dsn
 
     @property
-    def webhook(self) -> dict[str, str] | None:
-        hook: dict[str, str] | None = self.data.get("routes", {}).get("webhook")
+    def webhook(self) -> dict[str, Any] | None:
+        hook: dict[str, Any] | None = self.data.get("routes", {}).get("webhook")
         return hook
 
     @property
