@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 
 from streams.api_client import API_FILE, HOST, ApiError, ApiInfo, read_api_file, write_api_file
+from streams.outbox_commands import check_retry, retry_command
 from streams.queries import QUERIES
 from streams.store import Store, TransientStoreError
 
@@ -163,6 +164,9 @@ COMMANDS: dict[str, CommandSpec] = {
     "incident_change": CommandSpec(
         _change_incident, ("incident_id", "change"), _check_incident, checkpoint_soon=True
     ),
+    "outbox_retry": CommandSpec(
+        retry_command, ("ids", "route", "all_refused"), check_retry, checkpoint_soon=True
+    ),
 }
 
 
@@ -271,6 +275,13 @@ def metrics_text(c: Counters, lag: Mapping[Any, Any]) -> str:
         "counter",
         "Messages rejected to the dead-letter table, by reason.",
         [(_labels(reason=r), n) for r, n in rejects],
+    )
+    family(
+        "inferwatch_deliveries_refused_total",
+        "counter",
+        "Alert deliveries a receiver refused, by route; kept in the outbox until "
+        "`inferwatch outbox retry`.",
+        [(_labels(route=r), n) for r, n in sorted(c.deliveries_refused_total.items())],
     )
     family(
         "inferwatch_consumer_lag_messages",

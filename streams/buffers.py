@@ -23,7 +23,10 @@ class Rows:
     written again."""
 
     tables: list[tuple[str, pa.Table]]
-    alerts: list[dict[str, Any]]  # the alert records among them, for the outbox
+    # the alert records among them, for the outbox, in order: an alert that fired and resolved
+    # since the last checkpoint is its firing record, then its resolved one (only the latest is
+    # in the alerts table)
+    alerts: list[dict[str, Any]]
 
     def with_seq(self, seq: int) -> Rows:
         """The rows, decision tables stamped with the checkpoint that writes them."""
@@ -49,7 +52,27 @@ class Buffers:
     def __init__(self) -> None:
         self.tables: dict[str, list[pa.Table]] = {}
         self.alerts: dict[str, dict[str, Any]] = {}  # latest record per alert id
+        # alert id -> its firing record, replaced by its resolution since the last checkpoint
+        self.fired: dict[str, dict[str, Any]] = {}
         self.references: list[Reference] = []
+
+    def add_alert(self, record: dict[str, Any]) -> None:
+        """The latest record of its alert; a firing one it replaces is kept for delivery, so
+        that a receiver sees an episode fire before it resolves."""
+        alert_id = record["alert_id"]
+        before = self.alerts.get(alert_id)
+        if before is not None and before["status"] == "firing" and record["status"] != "firing":
+            self.fired.setdefault(alert_id, before)
+        self.alerts[alert_id] = record
+
+    def alerts_in_order(self) -> list[dict[str, Any]]:
+        """Every buffered alert record, a replaced firing one just before its successor."""
+        out = []
+        for alert_id, record in self.alerts.items():
+            if alert_id in self.fired:
+                out.append(self.fired[alert_id])
+            out.append(record)
+        return out
 
     def add(self, table: str, data: pa.Table) -> None:
         if data.num_rows:
@@ -58,11 +81,12 @@ class Buffers:
     def take(self) -> Rows:
         """Every buffered row, taken out for one checkpoint."""
         tables = [(name, pa.concat_tables(parts)) for name, parts in self.tables.items()]
-        alerts = list(self.alerts.values())
-        if alerts:
-            tables.append(("alerts", records.alerts_table(alerts)))
+        if self.alerts:
+            tables.append(("alerts", records.alerts_table(list(self.alerts.values()))))
+        alerts = self.alerts_in_order()
         self.tables = {}
         self.alerts = {}
+        self.fired = {}
         return Rows(tables, alerts)
 
     @property

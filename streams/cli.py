@@ -118,11 +118,7 @@ def run(
 
     cfg = _config(config)
     store = store or cfg.store_dsn
-    hook = cfg.webhook or {}
-    webhook = webhook or hook.get("url")
-    if webhook_ca_file is None and hook.get("ca_file"):
-        webhook_ca_file = Path(hook["ca_file"])
-    routes = _routes(webhook, webhook_ca_file, hook.get("notify", "alerts"))
+    routes = _configured_routes(cfg, webhook, webhook_ca_file)
     try:
         if source.startswith("kafka://"):
             from streams.kafka_config import config_from_env
@@ -165,6 +161,25 @@ def run(
     if rejected:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(counters.rejects_total.items()))
         typer.echo(f"rejected by reason: {reasons} (see table dead_letters)")
+    _report_refusals(worker)
+
+
+def _report_refusals(worker: Any) -> None:
+    """A refused delivery is never a success: say so and exit 1 (the rows are kept)."""
+    refused = {r: n for r, n in worker.counters.deliveries_refused_total.items() if n}
+    if not refused:
+        return
+    last = worker.outbox.last_refusal
+    routes = "; ".join(
+        f"{r} {n:,}" + (f", last: {last[r].last_error}" if r in last else "")
+        for r, n in sorted(refused.items())
+    )
+    fail(
+        f"alert deliveries refused: {routes}. They are kept in the outbox: see `inferwatch "
+        "outbox list --status refused`; once the receiver is fixed, `inferwatch outbox retry "
+        "--all-refused` sends them.",
+        code=1,
+    )
 
 
 def _config(path: Path | None) -> Any:
@@ -177,7 +192,16 @@ def _config(path: Path | None) -> Any:
         fail(str(exc))
 
 
-def _routes(webhook: str | None, ca_file: Path | None, notify: str = "alerts") -> list[Any]:
+def _configured_routes(cfg: Any, webhook: str | None, ca_file: Path | None) -> list[Any]:
+    """The routes of the options, else of the configuration's ``[routes.webhook]``."""
+    hook = cfg.webhook or {}
+    webhook = webhook or hook.get("url")
+    if ca_file is None and hook.get("ca_file"):
+        ca_file = Path(hook["ca_file"])
+    return _routes(webhook, ca_file, hook)
+
+
+def _routes(webhook: str | None, ca_file: Path | None, hook: dict[str, Any]) -> list[Any]:
     """The delivery routes, checked before anything is opened."""
     import ssl
 
@@ -189,8 +213,9 @@ def _routes(webhook: str | None, ca_file: Path | None, notify: str = "alerts") -
         return []
     if ca_file is not None and not ca_file.is_file():
         fail(f"--webhook-ca-file {ca_file}: expected a PEM file, found none")
+    tuning = {k: hook[k] for k in ("notify", "timeout_s", "max_timeouts") if k in hook}
     try:
-        return [WebhookRoute(WebhookSettings(webhook, ca_file, notify=notify))]
+        return [WebhookRoute(WebhookSettings(webhook, ca_file, **tuning))]
     except RouteConfigError as exc:
         fail(f"{exc} (--webhook or INFERWATCH_WEBHOOK_URL)")
     except ssl.SSLError as exc:
@@ -454,7 +479,9 @@ def config_schema() -> None:
 
 def main() -> None:
     from streams.cli_analyst import allow_app, incidents_app, silence_app
+    from streams.cli_outbox import outbox_app
 
+    app.add_typer(outbox_app, name="outbox")
     app.add_typer(silence_app, name="silence")
     app.add_typer(allow_app, name="allow")
     app.add_typer(incidents_app, name="incidents")

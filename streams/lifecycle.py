@@ -249,8 +249,9 @@ class Lifecycle:
         key, labels = self._group_key(rec)
         group = self.groups.get(key)
         if group is None:
-            # a resolved alert opens a group too: an episode that fired and cleared between
-            # two checkpoints is seen only resolved, and must still reach someone
+            # a resolved alert opens a group too, so it still reaches someone (the worker passes
+            # an episode that fired and cleared inside one checkpoint as both records, firing
+            # first, so that one opens the group at its firing)
             first = int(rec.get("ts", now_ms))
             group = _Group(key, labels, incident_id(key, first), first)
             group.next_ms = now_ms + self.grouping.group_wait_ms

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from streams.outbox_commands import deliveries
 from streams.store import Store
 
 ALERT_COLUMNS = (
@@ -188,4 +189,5 @@ QUERIES = {
     "incidents": incidents,
     "silences": silences,
     "allow_list": allow_list,
+    "outbox": deliveries,
 }

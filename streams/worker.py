@@ -83,6 +83,7 @@ class Counters:
     batches_total: int = 0
     sink_paused: bool = False  # the store is down: partitions paused, retrying
     sink_failures_total: int = 0
+    deliveries_refused_total: dict[str, int] = field(default_factory=dict)  # by route
     last_checkpoint_s: float = 0.0
     last_batch_s: float = 0.0
     stage_s: dict[str, float] = field(default_factory=dict)
@@ -129,6 +130,7 @@ class Worker:
         self.route_health = RouteHealth(s.route_alert_s)
         if self.outbox is not None:
             self.route_health.restore(store)
+            self.counters.deliveries_refused_total = dict(self.outbox.refused_total)
         self.lifecycle = Lifecycle(
             s.grouping,
             s.criticality,
@@ -278,14 +280,18 @@ class Worker:
         )
 
     def _deliver(self) -> None:
-        if self.outbox is not None and self.outbox.pending:
+        if self.outbox is None:
+            return
+        if self.outbox.pending:
             # a store failure here: what was sent is sent again next time, with the same key
             with contextlib.suppress(TransientStoreError):
                 self.outbox.deliver()
-            ts = max(self.pipeline.watermark.max_ts.values(), default=int(time.time() * 1000))
-            for rec in self.route_health.check(self.outbox, ts):
-                self._count_alert(rec)
-                self.buffers.alerts[rec["alert_id"]] = rec
+        self.counters.deliveries_refused_total = dict(self.outbox.refused_total)
+        # also with nothing pending: refusals retried from the CLI resolve their alert here
+        ts = max(self.pipeline.watermark.max_ts.values(), default=int(time.time() * 1000))
+        for rec in self.route_health.check(self.outbox, ts):
+            self._count_alert(rec)
+            self.buffers.add_alert(rec)
 
     def _checkpoint_due(self) -> bool:
         return (
@@ -320,7 +326,7 @@ class Worker:
         for det, change in result.alerts:
             rec = records.alert_record(change, det.name, det.version, det.atlas, det.owasp, now_ms)
             self._count_alert(rec)
-            self.buffers.alerts[rec["alert_id"]] = rec
+            self.buffers.add_alert(rec)
         if result.metrics:
             self.buffers.add("window_metrics", records.metrics_table(result.metrics))
         self.buffers.references.extend(result.new_references)
@@ -417,11 +423,13 @@ class Worker:
         """Pass this checkpoint's alerts through the lifecycle (severity, silences, allow-list,
         incidents) on its clock; returns the group notifications due."""
         lc = self.lifecycle
-        out = lc.observe(list(self.buffers.alerts.values()), self._tick())
-        self.buffers.alerts = {r["alert_id"]: r for r in out}
+        out = lc.observe(self.buffers.alerts_in_order(), self._tick())
+        self.buffers.alerts, self.buffers.fired = {}, {}
+        for rec in out:
+            self.buffers.add_alert(rec)  # a firing one that was replaced is kept for delivery
         notes = lc.due(self._clock_ms)
         for rec in lc.take_released():
-            self.buffers.alerts[rec["alert_id"]] = rec
+            self.buffers.add_alert(rec)
         incidents = lc.take_incidents()
         if incidents:
             self.buffers.add("incidents", analyst.incidents_table(incidents))
@@ -488,7 +496,9 @@ class Worker:
         assert outage is not None
         rec = outage.notify(resolved=True)
         self._count_alert(rec)
-        self.buffers.alerts[rec["alert_id"]] = rec  # in the store at the next checkpoint
+        # in the store at the next checkpoint; the outbox sends what notify could not, in order
+        self.buffers.add_alert(outage.record(resolved=False))
+        self.buffers.add_alert(rec)
         if self.outbox is not None:
             self.outbox.mark_sent(outage.notified)
         assigned, self._assigned_in_outage = self._assigned_in_outage, set()

@@ -164,7 +164,7 @@ def test_api_metrics_are_prometheus_text_without_a_token(served: Served) -> None
             "events_total", "rejects_total", "findings_total", "alerts_total",
             "late_events_total", "lost_events_total", "checkpoints_total", "checkpoint_seconds",
             "batch_seconds", "consumer_lag_messages", "stage_seconds_total", "sink_paused",
-            "sink_failures_total",
+            "sink_failures_total", "deliveries_refused_total",
         )
     }  # fmt: skip
     assert {ln.split()[2] for ln in lines if ln.startswith("# HELP")} == families

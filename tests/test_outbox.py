@@ -8,22 +8,29 @@ import shutil
 import ssl
 import subprocess
 import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
 from detectors.registry import create_all
+from streams.api import metrics_text
+from streams.cli_outbox import outbox_app
+from streams.outage import DELIVERY_REFUSED_DETECTOR
 from streams.simulate import write as simulate_write
 from streams.sources import FileSource
 from streams.store import Store
 from streams.webhook import WebhookRoute, WebhookSettings
-from streams.worker import FAULT_ENV, Worker, WorkerSettings
+from streams.worker import FAULT_ENV, Counters, Worker, WorkerSettings
+from tests.api_worker_process import SETTINGS as IDLE_SETTINGS
+from tests.api_worker_process import IdleSource
 from tests.test_worker import ALERT_FIELDS, run_cli
 
 SETTINGS = WorkerSettings(batch_max=2_000, checkpoint_events=6_000, checkpoint_s=3600)
@@ -31,12 +38,17 @@ SETTINGS = WorkerSettings(batch_max=2_000, checkpoint_events=6_000, checkpoint_s
 
 @dataclass
 class Receiver:
-    """A webhook receiver on 127.0.0.1: records every request; answers ``fail_code`` to the
-    first ``fail_first`` requests (all of them when ``fail_first`` is negative), 200 after."""
+    """A webhook receiver on 127.0.0.1: records every request; answers ``fail_code`` (with
+    ``fail_body``) to the first ``fail_first`` requests (all of them when ``fail_first`` is
+    negative), 200 after. With ``slow_s``, the first key it sees is answered only after that
+    many seconds, every time (a receiver slower than the sender's timeout)."""
 
     url: str = ""
     fail_first: int = 0
     fail_code: int = 503
+    fail_body: bytes = b"no"
+    slow_s: float = 0.0
+    slow_key: str | None = None
     requests: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -46,7 +58,13 @@ class Receiver:
             failing = self.fail_first < 0 or n < self.fail_first
             code = self.fail_code if failing else 200
             self.requests.append({"headers": headers, "body": body, "code": code})
+            if self.slow_s and self.slow_key is None:
+                self.slow_key = headers["Idempotency-Key"]
             return code
+
+    def delay_s(self, headers: dict[str, str]) -> float:
+        with self.lock:
+            return self.slow_s if headers["Idempotency-Key"] == self.slow_key else 0.0
 
     def keys(self, code: int | None = 200) -> Counter[str]:
         return Counter(
@@ -64,10 +82,15 @@ def serve(tls: ssl.SSLContext | None = None) -> Iterator[Receiver]:
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
             code = rec.answer(dict(self.headers), body)
-            self.send_response(code)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"no" if code >= 300 else b"ok")
+            time.sleep(rec.delay_s(dict(self.headers)))
+            answer = rec.fail_body if code >= 300 else b"ok"
+            try:
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+            except OSError:
+                pass  # the sender gave up waiting (a timeout): nothing to answer
 
         def log_message(self, *args: Any) -> None:
             pass
@@ -100,13 +123,48 @@ def traffic(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def run_file(path: Path, store_dir: Path, route: WebhookRoute) -> None:
+@pytest.fixture(scope="module")
+def small_traffic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10,000 events: 5 rate-spike episodes, each firing and resolved."""
+    path = tmp_path_factory.mktemp("small") / "traffic.jsonl"
+    simulate_write("default", 10_000, 11, path)
+    return path
+
+
+def run_file(
+    path: Path,
+    store_dir: Path,
+    route: WebhookRoute,
+    settings: WorkerSettings = SETTINGS,
+    from_start: bool = False,
+) -> Counters:
     source = FileSource(path)
     try:
         with Store(f"chdb:{store_dir}") as store:
-            Worker(store, source, create_all(), SETTINGS, routes=[route]).run()
+            worker = Worker(store, source, create_all(), settings, from_start, routes=[route])
+            return worker.run()
     finally:
         source.close()
+
+
+def assert_firing_first(rec: Receiver, since: int = 0) -> None:
+    """Per alert id, no resolution reached the receiver before its firing was delivered."""
+    fired: set[str] = set()
+    for r in rec.requests[since:]:
+        alert_id, status = r["headers"]["Idempotency-Key"].rsplit(":", 1)
+        if status == "resolved":
+            assert alert_id in fired, f"{alert_id}: resolution sent before its firing"
+        elif r["code"] == 200:
+            fired.add(alert_id)
+
+
+def refused_alerts(store_dir: Path) -> list[tuple[str, str, dict[str, Any]]]:
+    with Store(f"chdb:{store_dir}") as store:
+        rows = store.query(
+            "SELECT status, entity, evidence FROM alerts FINAL WHERE detector = {d:String}",
+            {"d": DELIVERY_REFUSED_DETECTOR},
+        ).result_rows
+    return [(s, e, json.loads(ev)) for s, e, ev in rows]
 
 
 def route(url: str, max_attempts: int = 3) -> WebhookRoute:
@@ -142,6 +200,7 @@ def test_outbox_delivers_every_alert_status_once_with_its_key(
         assert req["headers"]["Idempotency-Key"] == f"{alert['alert_id']}:{alert['status']}"
         assert alert["ts"].endswith("Z")
     assert {k.split(":")[1] for k in keys} == {"firing", "resolved"}
+    assert_firing_first(receiver)
 
 
 def test_outbox_retries_a_failing_receiver_and_delivers_once_it_recovers(
@@ -155,6 +214,7 @@ def test_outbox_retries_a_failing_receiver_and_delivers_once_it_recovers(
     rows = outbox_rows(tmp_path / "store")
     assert all(d == 1 for d, _, _ in rows.values())
     assert set(receiver.keys()) == set(rows) and set(receiver.keys().values()) == {1}
+    assert_firing_first(receiver)
     failed = receiver.keys(503)
     first = receiver.requests[0]["headers"]["Idempotency-Key"]
     assert failed == {first: 5} and rows[first][1] == 6
@@ -180,17 +240,172 @@ def test_outbox_worker_killed_before_delivery_sends_it_after_restart(
     rows = outbox_rows(tmp_path / "store")
     assert all(d == 1 for d, _, _ in rows.values())
     assert set(receiver.keys()) == set(rows) and set(receiver.keys().values()) == {1}
+    assert_firing_first(receiver)
 
 
-def test_outbox_records_a_refusal_and_does_not_retry_it(
-    traffic: Path, tmp_path: Path, receiver: Receiver
+def test_outbox_sends_the_firing_before_its_resolution_inside_one_checkpoint(
+    small_traffic: Path, tmp_path: Path, receiver: Receiver
 ) -> None:
-    receiver.fail_first, receiver.fail_code = -1, 400
-    run_file(traffic, tmp_path / "store", route(receiver.url))
-    run_file(traffic, tmp_path / "store", route(receiver.url))
+    """With one checkpoint for the whole file every episode fires and resolves before it: the
+    receiver still gets each firing, then its resolution, each under its own key."""
+    one = replace(SETTINGS, checkpoint_events=1 << 30)
+    run_file(small_traffic, tmp_path / "store", route(receiver.url), one)
+    keys = receiver.keys()
+    resolved = {k.rsplit(":", 1)[0] for k in keys if k.endswith(":resolved")}
+    assert len(resolved) >= 5, keys
+    assert {f"{a}:firing" for a in resolved} <= set(keys) and set(keys.values()) == {1}
+    assert_firing_first(receiver)
+    bodies = {r["headers"]["Idempotency-Key"]: json.loads(r["body"]) for r in receiver.requests}
+    for a in resolved:
+        assert bodies[f"{a}:firing"]["status"] == "firing"
+        assert bodies[f"{a}:firing"]["resolved_at"] is None
+        assert bodies[f"{a}:resolved"]["resolved_at"] is not None
+    with Store(f"chdb:{tmp_path / 'store'}") as store:
+        stored = dict(store.query("SELECT alert_id, status FROM alerts FINAL").result_rows)
+    assert all(stored[a] == "resolved" for a in resolved)  # the store keeps the latest
+
+
+def test_outbox_replay_from_start_sends_nothing_again(
+    small_traffic: Path, tmp_path: Path, receiver: Receiver
+) -> None:
+    """``run --from-start`` decides every alert again, with the same ids: the outbox already
+    holds them, so the receiver is not paged a second time."""
+    run_file(small_traffic, tmp_path / "store", route(receiver.url))
+    first = receiver.keys(None)
+    assert len(first) >= 5 and set(first.values()) == {1}
+    run_file(small_traffic, tmp_path / "store", route(receiver.url), from_start=True)
+    assert receiver.keys(None) == first
+
+
+def test_outbox_retries_a_timed_out_delivery_with_its_key_a_bounded_number_of_times(
+    small_traffic: Path, tmp_path: Path, receiver: Receiver
+) -> None:
+    """A receiver slower than the timeout may have each attempt: it gets the same key, at most
+    ``max_timeouts`` times in all (restarts included); then the delivery is kept as refused."""
+    receiver.slow_s = 1.0
+    for _ in range(3):  # each start first sends what waits, oldest first: the slow one
+        slow = WebhookSettings(receiver.url, timeout_s=0.2, max_timeouts=2)
+        run_file(small_traffic, tmp_path / "store", WebhookRoute(slow, sleep=lambda s: None))
+    key = receiver.slow_key
+    assert key is not None
+    sent = receiver.keys(None)
+    assert sent[key] == 2
     rows = outbox_rows(tmp_path / "store")
-    assert rows and all(d == 2 and n == 1 and "HTTP 400" in e for d, n, e in rows.values())
-    assert set(receiver.keys(400)) == set(rows) and set(receiver.keys(None).values()) == {1}
+    state, attempts, error = rows[key]
+    assert (state, attempts) == (2, 2) and "no answer within 0.2 s" in error, error
+    waiting = key.replace(":firing", ":resolved")  # waits behind its firing, never sent alone
+    assert waiting not in sent
+    others = {k: v for k, v in rows.items() if k not in (key, waiting)}
+    assert others and all(d == 1 for d, _, _ in others.values())
+    assert all(sent[k] == 1 for k in others)
+    assert_firing_first(receiver)
+
+
+@pytest.mark.slow
+def test_outbox_keeps_deliveries_refused_with_401_run_reports_them_and_retry_sends_them(
+    small_traffic: Path, tmp_path: Path, receiver: Receiver
+) -> None:
+    """An expired token: every delivery is refused. Nothing is lost, ``run`` says so (exit 1),
+    the store holds ``pipeline.delivery_refused``, and once the token is fixed ``outbox retry``
+    (no worker running: directly) sends them all, firing before resolution."""
+    receiver.fail_first, receiver.fail_code = -1, 401
+    receiver.fail_body = b'{"error": "token expired"}'
+    store_dir = tmp_path / "store"
+    store = f"chdb:{store_dir}"
+    args = ["run", "--source", f"file:{small_traffic}", "--store", store, "-q"]
+    args += ["--batch-size", "2000", "--checkpoint-events", "6000", "--webhook", receiver.url]
+    out = run_cli(*args)
+    assert out.returncode == 1, out.stderr
+    assert "deliveries refused" in out.stderr and "outbox list --status refused" in out.stderr
+    rows = outbox_rows(store_dir)
+    refused = {k for k, (d, _, _) in rows.items() if d == 2}
+    assert len(refused) >= 5
+    assert all("HTTP 401" in rows[k][2] and "token expired" in rows[k][2] for k in refused)
+    waiting = {k for k, (d, _, _) in rows.items() if d == 0}  # behind their refused firing
+    assert all(k.replace(":resolved", ":firing") in refused for k in waiting)
+    assert not [k for k, (d, _, _) in rows.items() if d == 1]
+    assert set(receiver.keys(401)) == refused  # each tried once; no resolution was sent
+    ((status, entity, evidence),) = refused_alerts(store_dir)
+    assert (status, entity, evidence["last_status"]) == ("firing", "route:webhook", 401)
+
+    runner = CliRunner()
+    listed = runner.invoke(
+        outbox_app, ["list", "--status", "refused", "--format", "jsonl", "--store", store]
+    )
+    assert listed.exit_code == 0, listed.output
+    shown = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert {r["id"] for r in shown} == refused
+    assert {r["response_status"] for r in shown} == {401}
+    for bad, message in (
+        ([], "give a delivery ID, --route R or --all-refused"),
+        (["nosuch:firing"], "no delivery 'nosuch:firing'"),
+        (["--route", "pager"], "no deliveries on route 'pager'"),
+        (["--all-refused"], "route webhook is not given: pass --webhook URL"),
+    ):
+        res = runner.invoke(outbox_app, ["retry", *bad, "--store", store])
+        assert res.exit_code == 2 and message in res.stderr, res.output
+
+    receiver.fail_first = 0  # the token is fixed
+    before = len(receiver.requests)
+    retried = runner.invoke(
+        outbox_app, ["retry", "--all-refused", "--store", store, "--webhook", receiver.url]
+    )
+    assert retried.exit_code == 0, retried.output
+    assert f"delivered {len(refused) + len(waiting)}" in retried.stdout
+    rows = outbox_rows(store_dir)
+    assert all(d == 1 for d, _, _ in rows.values())
+    again = Counter(r["headers"]["Idempotency-Key"] for r in receiver.requests[before:])
+    assert set(again) == refused | waiting and set(again.values()) == {1}
+    assert_firing_first(receiver, since=before)
+    done = runner.invoke(outbox_app, ["retry", next(iter(refused)), "--store", store])
+    assert done.exit_code == 2 and "was delivered" in done.stderr
+
+
+def test_outbox_keeps_slack_like_400_refusals_counts_them_and_retries_through_the_worker(
+    small_traffic: Path, tmp_path: Path, receiver: Receiver
+) -> None:
+    """A receiver that refuses our body (Slack answers 400 to it): refusals are kept, counted in
+    ``inferwatch_deliveries_refused_total``, not retried by a restart, and retried through the
+    running worker's API once the receiver is fixed; the route's alert then resolves."""
+    receiver.fail_first, receiver.fail_code, receiver.fail_body = -1, 400, b"invalid_payload"
+    store_dir = tmp_path / "store"
+    store = f"chdb:{store_dir}"
+    counters = run_file(small_traffic, store_dir, route(receiver.url))
+    refused = {k for k, (d, _, _) in outbox_rows(store_dir).items() if d == 2}
+    assert counters.deliveries_refused_total == {"webhook": len(refused)}
+    metrics = metrics_text(counters, {})
+    assert f'inferwatch_deliveries_refused_total{{route="webhook"}} {len(refused)}' in metrics
+    run_file(small_traffic, store_dir, route(receiver.url))  # a restart retries nothing
+    assert set(receiver.keys(400)) == refused and set(receiver.keys(None).values()) == {1}
+    assert all(k.endswith(":firing") for k in receiver.keys(None))
+    ((status, _, evidence),) = refused_alerts(store_dir)
+    assert status == "firing" and "invalid_payload" in evidence["last_error"]
+
+    receiver.fail_first = 0
+    before = len(receiver.requests)
+    runner = CliRunner()
+    with Store(store) as st:
+        worker = Worker(st, IdleSource(), [], IDLE_SETTINGS, routes=[route(receiver.url)])
+        thread = threading.Thread(target=worker.run, daemon=True)
+        thread.start()
+        api = worker.serve_api()
+        try:
+            bad = runner.invoke(outbox_app, ["retry", "nosuch:firing", "--store", store])
+            assert bad.exit_code == 2 and "no delivery 'nosuch:firing'" in bad.stderr
+            ok = runner.invoke(outbox_app, ["retry", "--all-refused", "--store", store])
+            assert ok.exit_code == 0, ok.output
+            assert "delivered" in ok.stdout and thread.is_alive()
+        finally:
+            api.stop()
+            worker.stop_requested.set()
+            thread.join(30)
+    rows = outbox_rows(store_dir)
+    assert all(d == 1 for d, _, _ in rows.values()), rows
+    again = Counter(r["headers"]["Idempotency-Key"] for r in receiver.requests[before:])
+    assert set(again) == set(rows) and set(again.values()) == {1}  # nothing had gone through
+    assert_firing_first(receiver, since=before)
+    ((status, _, _),) = refused_alerts(store_dir)
+    assert status == "resolved"
 
 
 def test_cli_rejects_a_bad_webhook_url_with_what_was_expected(tmp_path: Path) -> None:
