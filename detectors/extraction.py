@@ -139,14 +139,13 @@ from detectors.query_sketch import (
     build_sketch,
 )
 from detectors.reference import Reference
-from detectors.registry import register
 
 ADDRESS_FACTOR = 2
 EXPLAIN_MS = 86_400_000  # an address does not count a flagged key's queries for a day
 
 
-@register("extraction.query_pattern")
 class QueryPattern(Episodes, DetectorBase):
+    name: ClassVar[str] = "extraction.query_pattern"
     atlas: ClassVar[tuple[str, ...]] = ("AML.T0024.002", "AML.T0043")
     owasp: ClassVar[tuple[str, ...]] = ("ML05", "ML01", "LLM10")
     # not sessions: a session is a slice of one key's traffic in our sources, and its state

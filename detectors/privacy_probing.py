@@ -110,15 +110,14 @@ from detectors.privacy_state import (
 )
 from detectors.query_sketch import build_sketch
 from detectors.reference import Reference
-from detectors.registry import register
 
 HOUR_MS = 3_600_000
 MEMBERSHIP = "AML.T0024.000"
 INVERSION = "AML.T0024.001"
 
 
-@register("privacy.query_probing")
 class QueryProbing(Episodes, DetectorBase):
+    name: ClassVar[str] = "privacy.query_probing"
     atlas: ClassVar[tuple[str, ...]] = (MEMBERSHIP, INVERSION)
     owasp: ClassVar[tuple[str, ...]] = ("ML04", "ML03")
     entity_types: ClassVar[tuple[str, ...]] = ("api_key",)

@@ -92,7 +92,6 @@ from detectors.base import (
 )
 from detectors.channels import LABEL_CHANNEL, bin_quantiles
 from detectors.panes import Track, Window, window_counts
-from detectors.registry import register
 from schemas.batch import EventBatch
 
 EPSILON = 1e-4  # floor on bin proportions
@@ -121,10 +120,10 @@ def psi(reference_counts: I64, current_counts: I64, epsilon: float = EPSILON) ->
     return float(psi_rows(reference_counts[None], current_counts[None], epsilon)[0])
 
 
-@register("drift.psi")
 class PSI(DetectorBase):
     """Prediction PSI per model and channel over event-time windows (module doc)."""
 
+    name = "drift.psi"
     version = "2"
     atlas = ()
     owasp = ()
