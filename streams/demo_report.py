@@ -27,8 +27,9 @@ def print_summary(console: Console, r: DemoResult) -> None:
     rejected = sum(c.rejects_total.values())
     of = f" of {r.truth.events:,}" if r.produced < r.truth.events else ""
     console.print(
-        f"\n[bold]inferwatch demo[/]: {r.produced:,}{of} simulated events ({r.truth.scenario} scenario, "
-        f"seed {r.truth.seed}) via an embedded Kafka broker, {r.elapsed_s:.1f} s",
+        f"\n[bold]inferwatch demo[/]: {r.produced:,}{of} simulated events "
+        f"({r.truth.scenario} scenario, seed {r.truth.seed}) via an embedded Kafka broker, "
+        f"{r.elapsed_s:.1f} s",
         highlight=False,
     )
     if r.interrupted:
