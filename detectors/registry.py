@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from detectors.base import Detector
 
@@ -55,7 +55,7 @@ def load(name: str) -> type[Any]:
         known = ", ".join(sorted(BUILTIN))
         raise KeyError(f"unknown detector {name!r}; registered: {known}") from None
     module, _, attr = target.partition(":")
-    cls = getattr(importlib.import_module(module), attr)
+    cls = cast(type[Any], getattr(importlib.import_module(module), attr))
     if getattr(cls, "name", None) != name:
         raise TypeError(f"{target} is registered as {name!r} but names itself {cls.name!r}")
     _CLASSES[name] = cls
