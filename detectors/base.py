@@ -33,6 +33,7 @@ F64 = npt.NDArray[np.float64]
 StrArray = npt.NDArray[np.object_]
 
 Severity = Literal["info", "low", "medium", "high", "critical"]
+NONE = int(np.iinfo(np.int64).min)  # an empty int64 cell of keyed state: no time, no episode
 ENTITY_TYPES = ("api_key", "client_ip", "session", "tenant", "model", "feature", "global")
 
 

@@ -71,7 +71,6 @@ from detectors.drift_columns import layout_of, values_of
 from detectors.drift_state import decode_state, encode_state
 from detectors.drift_windows import Change, Engine, Settings
 from detectors.reference import Reference
-from detectors.registry import register
 
 U8 = npt.NDArray[np.uint8]
 TOP = 10  # drifted columns ranked in an alert
@@ -96,10 +95,10 @@ class Track:
         return self.engine.layout
 
 
-@register("drift.features")
 class FeatureDrift(DetectorBase):
     """Windowed drift of features, predictions and confidence per model version (module doc)."""
 
+    name = "drift.features"
     version = "1"
     entity_types = ()
 

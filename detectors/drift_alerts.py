@@ -13,7 +13,6 @@ from detectors import drift_stats as ds
 from detectors.base import AlertChange, Severity, WindowMetric
 from detectors.drift_bins import bin_quantiles
 from detectors.drift_windows import Change, Settings
-from detectors.psi import psi_rows
 
 TOP = 10  # drifted columns ranked in an alert
 
@@ -56,7 +55,7 @@ def rank_columns(track: Any, c: Change) -> list[dict[str, Any]]:
     idx = np.flatnonzero(c.rejected)
     idx = idx[np.lexsort((-np.abs(c.d_window[idx]), c.p_min[idx]))][:TOP]
     ref, cur = lay.counts[idx, :b], c.window[idx, :b][None]
-    psi = psi_rows(ref, cur)[0]
+    psi = ds.psi_rows(ref, cur)[0]
     js = ds.js_distance(ref, cur[0])
     ws = ds.wasserstein(ref, cur[0], lay.centers[idx], lay.value_sd[idx])
     q_ref = bin_quantiles(ref, lay.bounds[idx])

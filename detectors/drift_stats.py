@@ -39,6 +39,20 @@ B8 = npt.NDArray[np.bool_]
 Counts = npt.NDArray[np.int64] | npt.NDArray[np.float64]
 
 
+PSI_EPSILON = 1e-4  # floor on bin proportions in the PSI
+
+
+def psi_rows(reference_counts: Counts, current_counts: Counts, epsilon: float = PSI_EPSILON) -> F64:
+    """PSI of each histogram in ``current_counts`` (..., channels, bins) against the matching
+    row of ``reference_counts`` (channels, bins); NaN for a histogram without events."""
+    r = np.maximum(reference_counts / reference_counts.sum(axis=-1, keepdims=True), epsilon)
+    total = current_counts.sum(axis=-1, keepdims=True)
+    c = np.maximum(current_counts / np.maximum(total, 1), epsilon)
+    value = np.sum((c - r) * np.log(c / r), axis=-1)
+    out: F64 = np.where(total[..., 0] > 0, value, np.nan)
+    return out
+
+
 def _props(counts: Counts) -> F64:
     total = np.sum(counts, axis=-1, keepdims=True, dtype=np.float64)
     return np.asarray(counts, np.float64) / np.maximum(total, 1.0)

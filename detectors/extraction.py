@@ -119,16 +119,19 @@ from detectors.base import (
     DetectorBase,
     DetectorInput,
     Findings,
+    KeySpace,
     Output,
+    Snapshot,
     json_evidence,
 )
+from detectors.episodes import EpisodeTable, KeyEpisodes
 from detectors.extraction_state import (
     BLOCK,
+    COLUMNS,
     LATTICE,
     CallerParams,
-    Episodes,
-    Table,
     caller_rows,
+    describe,
 )
 from detectors.kernels import LANES, LANES_FIXED
 from detectors.query_sketch import (
@@ -139,14 +142,13 @@ from detectors.query_sketch import (
     build_sketch,
 )
 from detectors.reference import Reference
-from detectors.registry import register
 
 ADDRESS_FACTOR = 2
 EXPLAIN_MS = 86_400_000  # an address does not count a flagged key's queries for a day
 
 
-@register("extraction.query_pattern")
-class QueryPattern(Episodes, DetectorBase):
+class QueryPattern(DetectorBase):
+    name: ClassVar[str] = "extraction.query_pattern"
     atlas: ClassVar[tuple[str, ...]] = ("AML.T0024.002", "AML.T0043")
     owasp: ClassVar[tuple[str, ...]] = ("ML05", "ML01", "LLM10")
     # not sessions: a session is a slice of one key's traffic in our sources, and its state
@@ -206,10 +208,28 @@ class QueryPattern(Episodes, DetectorBase):
             ),
         }  # fmt: skip
         self._sketches: dict[tuple[str, str], tuple[Reference, ModelSketch | None]] = {}
+        self.episodes = KeyEpisodes(self.name, self.close_ms, describe)
         self.reset()
 
     def reset(self) -> None:
-        self.tables = {et: Table() for et in self.entity_types}
+        self.tables = {et: EpisodeTable(COLUMNS) for et in self.entity_types}
+
+    # -- episodes and state: the shared keyed-episode machinery ------------------------------
+
+    def advance(self, watermark_ms: int) -> Output:
+        """Close the episodes whose last flagged query is ``close_after_s`` behind."""
+        return self.episodes.advance(self.tables, watermark_ms)
+
+    def evict(self, entity_type: str, slots: I64) -> None:
+        self.episodes.evict(self.tables[entity_type], slots)
+
+    def snapshot(self, keyspace: KeySpace) -> Snapshot:
+        """Changed keyed rows and the extras of open episodes as per-key blobs. Nothing is
+        model-level: the per-model geometry is derived from the references."""
+        return self.episodes.snapshot(self.tables, keyspace)
+
+    def restore(self, snapshot: Snapshot, keyspace: KeySpace) -> None:
+        self.episodes.restore(self.tables, snapshot, keyspace)
 
     # -- per-query geometry ------------------------------------------------------------------
 
@@ -263,7 +283,7 @@ class QueryPattern(Episodes, DetectorBase):
     def _update_type(
         self,
         et: str,
-        table: Table,
+        table: EpisodeTable,
         batch: DetectorInput,
         qs: Queries,
         rows: I64,
@@ -290,7 +310,7 @@ class QueryPattern(Episodes, DetectorBase):
                            int(got.n_all[i]), int(got.lat[i]), p.lattice)
             for i in idx.tolist()
         ]  # fmt: skip
-        self._episodes(et, table, batch, rows[idx], slots[idx], score, evidence, alerts)
+        self.episodes.extend(et, table, batch, rows[idx], slots[idx], score, evidence, alerts)
         return rows[idx], score, evidence, covered
 
     def _evidence(

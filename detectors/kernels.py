@@ -25,7 +25,7 @@ from typing import Any, TypeVar, cast
 import numba
 import numpy as np
 
-from detectors.population import NONE
+from detectors.base import NONE
 
 _BIG = np.iinfo(np.int32).max
 

@@ -40,7 +40,8 @@ of hundreds of callers, kept per partition) the ring of 8 fills with other calle
 the chains break, so address state would cost as much as key state and see little. An attacker
 who rotates keys every few queries is not seen here; that needs a re-keyed fingerprint stream
 (DESIGN.md section 2). A finding for every flagged query; one alert per key episode (closed
-``close_after_s`` after its last flagged query), through part 1's episode machinery, re-titled.
+``close_after_s`` after its last flagged query), through the keyed-episode machinery of
+:mod:`detectors.episodes`, with its own title and summary.
 
 State per key, fixed width: a ring of 8 queries (projection, exact hash, fingerprint, model,
 root, root projection, root probabilities: 44 B each, 352 B), the run and its origin, window
@@ -70,8 +71,8 @@ A prober asking about records and their perturbations is alerted; its honest nei
 
 from __future__ import annotations
 
-import dataclasses
 import zlib
+from functools import partial
 from typing import Any, ClassVar
 
 import numpy as np
@@ -81,49 +82,42 @@ from detectors.base import (
     EMPTY,
     F64,
     I64,
+    NONE,
     AlertChange,
     DetectorBase,
     DetectorInput,
     Findings,
+    KeySpace,
     Output,
+    Snapshot,
     json_evidence,
 )
-from detectors.episodes import NONE
-from detectors.extraction_state import (
-    BLOCK,
-    Episodes,
-    group_index,
-    segmented_cummax,
-    segments,
-    window_counts,
-)
+from detectors.episodes import Episode, EpisodeTable, KeyEpisodes
 from detectors.privacy_chains import links, runs
 from detectors.privacy_state import (
+    COLUMNS,
     FLAGS,
     RING,
     Calibration,
     Geometry,
     Scaler,
-    Table,
     batch_geometry,
     radii,
 )
 from detectors.query_sketch import build_sketch
 from detectors.reference import Reference
-from detectors.registry import register
+from detectors.segments import BLOCK, group_index, segmented_cummax, segments, window_counts
 
 HOUR_MS = 3_600_000
 MEMBERSHIP = "AML.T0024.000"
 INVERSION = "AML.T0024.001"
 
 
-@register("privacy.query_probing")
-class QueryProbing(Episodes, DetectorBase):
+class QueryProbing(DetectorBase):
+    name: ClassVar[str] = "privacy.query_probing"
     atlas: ClassVar[tuple[str, ...]] = (MEMBERSHIP, INVERSION)
     owasp: ClassVar[tuple[str, ...]] = ("ML04", "ML03")
     entity_types: ClassVar[tuple[str, ...]] = ("api_key",)
-    # part 1's episode machinery reads only the columns, episodes and saved slots of a table
-    tables: dict[str, Table]  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -151,10 +145,27 @@ class QueryProbing(Episodes, DetectorBase):
         self.harvest_records, self.close_after_s = harvest_records, close_after_s
         self.close_ms = close_after_s * 1000
         self._cal: dict[tuple[str, str], tuple[Reference, Calibration | None]] = {}
+        self.episodes = KeyEpisodes(self.name, self.close_ms, partial(describe, cluster_size))
         self.reset()
 
     def reset(self) -> None:
-        self.tables = {"api_key": Table()}
+        self.tables = {"api_key": EpisodeTable(COLUMNS)}
+
+    # -- episodes and state: the shared keyed-episode machinery ------------------------------
+
+    def advance(self, watermark_ms: int) -> Output:
+        """Close the episodes whose last flagged query is ``close_after_s`` behind."""
+        return self.episodes.advance(self.tables, watermark_ms)
+
+    def evict(self, entity_type: str, slots: I64) -> None:
+        self.episodes.evict(self.tables[entity_type], slots)
+
+    def snapshot(self, keyspace: KeySpace) -> Snapshot:
+        """Changed keyed rows and the extras of open episodes as per-key blobs."""
+        return self.episodes.snapshot(self.tables, keyspace)
+
+    def restore(self, snapshot: Snapshot, keyspace: KeySpace) -> None:
+        self.episodes.restore(self.tables, snapshot, keyspace)
 
     def _calibration(self, key: tuple[str, str], ref: Reference) -> Calibration | None:
         got = self._cal.get(key)
@@ -191,16 +202,10 @@ class QueryProbing(Episodes, DetectorBase):
         if flagged.size:
             label = np.array([e["label"] for e in evidence], dtype=object)
             findings = (Findings(flagged, label, score, json_evidence(evidence)),)
-        return Output(findings=findings, alerts=tuple(self._retitle(a) for a in alerts))
-
-    def advance(self, watermark_ms: int) -> Output:
-        out = super().advance(watermark_ms)
-        if not out.alerts:
-            return out
-        return Output(alerts=tuple(self._retitle(a) for a in out.alerts))
+        return Output(findings=findings, alerts=tuple(alerts))
 
     def _update_keys(
-        self, table: Table, batch: DetectorInput, g: Geometry, rows: I64,
+        self, table: EpisodeTable, batch: DetectorInput, g: Geometry, rows: I64,
         alerts: list[AlertChange],
     ) -> tuple[I64, F64, list[dict[str, Any]]]:  # fmt: skip
         cols = table.cols.cols
@@ -290,7 +295,7 @@ class QueryProbing(Episodes, DetectorBase):
                            bool(climbed[i]))
             for i in idx.tolist()
         ]  # fmt: skip
-        self._episodes("api_key", table, batch, r[idx], s[idx], score, evidence, alerts)  # type: ignore[arg-type]
+        self.episodes.extend("api_key", table, batch, r[idx], s[idx], score, evidence, alerts)
         return r[idx], score, evidence
 
     def _harvest(
@@ -355,18 +360,18 @@ class QueryProbing(Episodes, DetectorBase):
             "queries_seen": seq + 1,
         }
 
-    def _retitle(self, a: AlertChange) -> AlertChange:
-        ev = a.evidence
-        inversion = ev.get("kind") == "inversion"
-        what = "model-inversion probing" if inversion else "membership-inference probing"
-        shown = a.entity if len(a.entity) <= 12 else a.entity[:8] + "…"
-        summary = (
-            f"api key {a.entity} on {a.model_id}: {', '.join(ev.get('signals', []))} after "
-            f"{ev.get('queries_before', '?')} queries ({ev.get('perturbation_clusters', 0)} "
-            f"clusters of {self.cluster_size}+ perturbations, {ev.get('perturbed_records', 0)} "
-            f"perturbed records, longest run {ev.get('run', 0)} steps, "
-            f"{ev.get('exact_repeats', 0)} exact repeats); {a.event_count} flagged queries."
-        )
-        return dataclasses.replace(
-            a, title=f"Privacy probing: {what} by api key {shown}", summary=summary
-        )
+
+def describe(cluster_size: int, et: str, ep: Episode, count: int) -> tuple[str, str]:
+    """The title and summary of a privacy-probing alert (api keys only)."""
+    ev = ep.evidence
+    inversion = ev.get("kind") == "inversion"
+    what = "model-inversion probing" if inversion else "membership-inference probing"
+    shown = ep.entity if len(ep.entity) <= 12 else ep.entity[:8] + "…"
+    summary = (
+        f"api key {ep.entity} on {ep.model_id}: {', '.join(ev.get('signals', []))} after "
+        f"{ev.get('queries_before', '?')} queries ({ev.get('perturbation_clusters', 0)} "
+        f"clusters of {cluster_size}+ perturbations, {ev.get('perturbed_records', 0)} "
+        f"perturbed records, longest run {ev.get('run', 0)} steps, "
+        f"{ev.get('exact_repeats', 0)} exact repeats); {count} flagged queries."
+    )
+    return f"Privacy probing: {what} by api key {shown}", summary

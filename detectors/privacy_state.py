@@ -23,15 +23,14 @@ product from 0.03 into 0.8 µs per row.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from detectors.base import DetectorInput, KeyedColumns
-from detectors.episodes import NONE
-from detectors.extraction_state import Episode
+from detectors.base import NONE, DetectorInput
+from detectors.episodes import EPISODE_COLUMNS
 from detectors.query_sketch import PROJ_DIM, Q_SCALE, ModelSketch, exact_hash, reference_scores
 from detectors.reference import Reference
 
@@ -66,21 +65,8 @@ COLUMNS: dict[str, tuple[Any, Any]] = {
     "hour_n": (np.int64, 0),  # full-score answers in that hour
     "before_n": (np.int64, 0),  # and before it
     "first_hour": (np.int64, NONE),
-    "ep_start": (np.int64, NONE),  # open episode (the columns detectors.episodes expects)
-    "ep_last": (np.int64, 0),
-    "ep_count": (np.int64, 0),
-    "ep_peak": (np.float32, 0.0),
-    "ep_seq0": (np.int64, 0),
+    **EPISODE_COLUMNS,  # the open episode (its place in the row is part of the saved format)
 }
-
-
-@dataclass
-class Table:
-    """All state of one entity type: keyed columns and the open episodes' extras."""
-
-    cols: KeyedColumns = field(default_factory=lambda: KeyedColumns(COLUMNS))
-    episodes: dict[int, Episode] = field(default_factory=dict)
-    saved: set[int] = field(default_factory=set)
 
 
 _M1 = np.uint64(0x9E3779B97F4A7C15)

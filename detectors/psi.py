@@ -91,23 +91,13 @@ from detectors.base import (
     Snapshot,
 )
 from detectors.channels import LABEL_CHANNEL, bin_quantiles
+from detectors.drift_stats import PSI_EPSILON as EPSILON
+from detectors.drift_stats import psi_rows
 from detectors.panes import Track, Window, window_counts
-from detectors.registry import register
 from schemas.batch import EventBatch
 
-EPSILON = 1e-4  # floor on bin proportions
 CLEAR_FACTOR = 0.8  # a window clears an episode below CLEAR_FACTOR * threshold
 TOP_CHANNELS = 5  # channels ranked in an alert's evidence
-
-
-def psi_rows(reference_counts: I64, current_counts: I64, epsilon: float = EPSILON) -> F64:
-    """PSI of each histogram in ``current_counts`` (..., channels, bins) against the matching
-    row of ``reference_counts`` (channels, bins); NaN for a histogram without events."""
-    r = np.maximum(reference_counts / reference_counts.sum(axis=-1, keepdims=True), epsilon)
-    total = current_counts.sum(axis=-1, keepdims=True)
-    c = np.maximum(current_counts / np.maximum(total, 1), epsilon)
-    value = np.sum((c - r) * np.log(c / r), axis=-1)
-    return np.where(total[..., 0] > 0, value, np.nan)
 
 
 def psi(reference_counts: I64, current_counts: I64, epsilon: float = EPSILON) -> float:
@@ -121,10 +111,10 @@ def psi(reference_counts: I64, current_counts: I64, epsilon: float = EPSILON) ->
     return float(psi_rows(reference_counts[None], current_counts[None], epsilon)[0])
 
 
-@register("drift.psi")
 class PSI(DetectorBase):
     """Prediction PSI per model and channel over event-time windows (module doc)."""
 
+    name = "drift.psi"
     version = "2"
     atlas = ()
     owasp = ()

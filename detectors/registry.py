@@ -1,53 +1,74 @@
 """Registry of detectors by ``<family>.<name>``; ``inferwatch run`` with no config runs them all.
 
+The registry is a table of names and ``"module:Class"`` import strings, loaded by name when a
+detector is first created: it imports no detector module itself, so detector modules never
+import each other through it and ``names()`` costs no import.
+
 >>> sorted(names())[:3]
 ['abuse.rate_spike', 'drift.features', 'drift.psi']
+>>> type(create("drift.psi")).__name__
+'PSI'
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from detectors.base import Detector
 
-_FACTORIES: dict[str, Callable[..., Detector]] = {}
+# registry name -> "module:Class"; one public detector per module
+BUILTIN: dict[str, str] = {
+    "abuse.rate_spike": "detectors.rate_spike:RateSpike",
+    "drift.features": "detectors.drift:FeatureDrift",
+    "drift.psi": "detectors.psi:PSI",
+    "extraction.query_pattern": "detectors.extraction:QueryPattern",
+    "pipeline.silent_source": "detectors.silent_source:SilentSource",
+    "privacy.query_probing": "detectors.privacy_probing:QueryProbing",
+}
+
+_CLASSES: dict[str, type[Any]] = {}
 
 
 def register(name: str) -> Callable[[type[Any]], type[Any]]:
+    """Give a detector class its registry name (the name must be in :data:`BUILTIN`, which
+    alone decides what is registered). Prefer a ``name`` class attribute."""
+
     def wrap(cls: type[Any]) -> type[Any]:
-        if name in _FACTORIES:
-            raise ValueError(f"detector {name!r} registered twice")
+        if name not in BUILTIN:
+            raise ValueError(f"detector {name!r} is not in detectors.registry.BUILTIN")
         cls.name = name
-        _FACTORIES[name] = cls
         return cls
 
     return wrap
 
 
-def _load_builtin() -> None:
-    # Importing the modules registers them; one public detector per module.
-    import detectors.drift
-    import detectors.extraction
-    import detectors.privacy_probing
-    import detectors.psi
-    import detectors.rate_spike
-    import detectors.silent_source  # noqa: F401
+def load(name: str) -> type[Any]:
+    """The class registered as ``name``, imported on first use."""
+    cls = _CLASSES.get(name)
+    if cls is not None:
+        return cls
+    try:
+        target = BUILTIN[name]
+    except KeyError:
+        known = ", ".join(sorted(BUILTIN))
+        raise KeyError(f"unknown detector {name!r}; registered: {known}") from None
+    module, _, attr = target.partition(":")
+    cls = cast(type[Any], getattr(importlib.import_module(module), attr))
+    if getattr(cls, "name", None) != name:
+        raise TypeError(f"{target} is registered as {name!r} but names itself {cls.name!r}")
+    _CLASSES[name] = cls
+    return cls
 
 
 def names() -> list[str]:
-    _load_builtin()
-    return sorted(_FACTORIES)
+    return sorted(BUILTIN)
 
 
 def create(name: str, **params: Any) -> Detector:
     """A detector by registry name, with shipped defaults overridden by ``params``."""
-    _load_builtin()
-    try:
-        factory = _FACTORIES[name]
-    except KeyError:
-        known = ", ".join(sorted(_FACTORIES))
-        raise KeyError(f"unknown detector {name!r}; registered: {known}") from None
+    factory: Callable[..., Detector] = load(name)
     return factory(**params)
 
 

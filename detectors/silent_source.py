@@ -50,13 +50,12 @@ from detectors.base import (
     Output,
     Snapshot,
 )
-from detectors.registry import register
 
 INT64_MIN = -(2**63)
 
 
-@register("pipeline.silent_source")
 class SilentSource(DetectorBase):
+    name: ClassVar[str] = "pipeline.silent_source"
     version = "1"
     atlas: ClassVar[tuple[str, ...]] = ()
     owasp: ClassVar[tuple[str, ...]] = ()

@@ -23,14 +23,13 @@ TOP_ALERTS = 10
 
 def print_summary(console: Console, r: DemoResult) -> None:
     """What ran, what was caught against the truth, where the files are, what to try next."""
-    from streams.demo import SCENARIO  # imported here: streams.demo imports this module
-
     ev, c = r.evaluation, r.counters
     rejected = sum(c.rejects_total.values())
     of = f" of {r.truth.events:,}" if r.produced < r.truth.events else ""
     console.print(
-        f"\n[bold]inferwatch demo[/]: {r.produced:,}{of} simulated events ({SCENARIO} scenario, "
-        f"seed {r.truth.seed}) via an embedded Kafka broker, {r.elapsed_s:.1f} s",
+        f"\n[bold]inferwatch demo[/]: {r.produced:,}{of} simulated events "
+        f"({r.truth.scenario} scenario, seed {r.truth.seed}) via an embedded Kafka broker, "
+        f"{r.elapsed_s:.1f} s",
         highlight=False,
     )
     if r.interrupted:

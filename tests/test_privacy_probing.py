@@ -21,11 +21,11 @@ from hypothesis import strategies as st
 from sim_fixtures import world
 
 from detectors.base import DetectorInput, KeySpace
-from detectors.extraction_state import BLOCK
 from detectors.privacy_probing import HOUR_MS, QueryProbing
 from detectors.privacy_state import RING, changed_features
 from detectors.reference import Reference
 from detectors.routing import FeatureIndex, route
+from detectors.segments import BLOCK
 from schemas.batch import EventBatch
 from streams.sim_callers import START_MS, Traffic, benign
 from streams.sim_privacy import ATLAS, attack_queries, inversion_queries, label_only_batch
