@@ -25,7 +25,6 @@ import traceback
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import TextIO
 
 from streams.store_dir import KEY_NAME, UnsafeFileError, open_owned
 
@@ -47,11 +46,18 @@ class SecretError(ValueError):
 
 def mask(secret: str) -> None:
     """Remember ``secret`` so :func:`redact` hides it wherever it appears (4 characters or more:
-    a shorter one would blank out ordinary words)."""
+    a shorter one would blank out ordinary words). Of a URL, only the parts :func:`redact`
+    hides are remembered, so the rest (scheme, host, path) stays readable in messages."""
     secret = secret.strip()
-    if len(secret) >= 4:
-        with _known_lock:
-            _known.add(secret)
+    parts = [secret]
+    match = _URL.fullmatch(secret)
+    if match:
+        original, shown = secret, _redact_url(match)
+        parts = [
+            p for p in re.split(r"[/?#&=@:]", original) if p not in re.split(r"[/?#&=@:]", shown)
+        ]
+    with _known_lock:
+        _known.update(p for p in parts if len(p) >= 4)
 
 
 def _token_like(text: str) -> bool:
@@ -190,16 +196,12 @@ class RedactingFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
-def install_redaction(stream: TextIO | None = None) -> None:
-    """Log records (WARNING and above) to ``stream`` (stderr) through :func:`redact`, and an
-    uncaught exception's traceback as well. Idempotent."""
-    root = logging.getLogger()
-    if not any(isinstance(h.formatter, RedactingFormatter) for h in root.handlers):
-        handler = logging.StreamHandler(stream or sys.stderr)
-        handler.setFormatter(RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
-        root.addHandler(handler)
-        if root.level == logging.NOTSET or root.level > logging.WARNING:
-            root.setLevel(logging.WARNING)
+def install_redaction() -> None:
+    """Log records printed by logging's last-resort handler (what a worker prints when nothing
+    configured logging: WARNING and above, to stderr) and an uncaught exception's traceback go
+    through :func:`redact`. Idempotent."""
+    if logging.lastResort is not None:
+        logging.lastResort.setFormatter(RedactingFormatter("%(message)s"))
     sys.excepthook = _redacted_excepthook
 
 

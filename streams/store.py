@@ -13,6 +13,7 @@ printed with its credentials redacted.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import threading
 import urllib.parse
@@ -32,6 +33,9 @@ DEFAULT_DSN = "chdb:./inferwatch-data"
 # each inserted block a second time to drop duplicates early is wasted: it was a third of the
 # events insert (load-tests/README.md).
 INSERT_SETTINGS = {"optimize_on_insert": 0}
+# clickhouse-connect logs a warning before raising what we classify and report in one line;
+# without a handler of its own, logging's last resort would print it as a second line.
+logging.getLogger("clickhouse_connect").addHandler(logging.NullHandler())
 
 
 class StoreError(Exception):
