@@ -19,6 +19,7 @@ import hmac
 import inspect
 import os
 import secrets
+import sys
 import threading
 import traceback
 import typing
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import orjson
 
 from streams.api_client import API_FILE, HOST, ApiError, ApiInfo, read_api_file, write_api_file
+from streams.credentials import redact
 from streams.outbox_commands import check_retry, retry_command
 from streams.queries import QUERIES
 from streams.store import Store, TransientStoreError
@@ -337,11 +339,11 @@ class _Handler(BaseHTTPRequestHandler):
         except HttpError as exc:
             self._send(exc.status, _dumps({"error": exc.message}), "application/json")
         except TransientStoreError as exc:
-            self._send(503, _dumps({"error": str(exc)}), "application/json")
+            self._send(503, _dumps({"error": redact(str(exc))}), "application/json")
         except Exception as exc:
             # This request fails loudly; ingestion, on its own thread, is not affected.
-            traceback.print_exc()
-            error = {"error": f"internal error: {type(exc).__name__}: {exc}"}
+            sys.stderr.write(redact(traceback.format_exc()))
+            error = {"error": redact(f"internal error: {type(exc).__name__}: {exc}")}
             self._send(500, _dumps(error), "application/json")
 
     def _body(self) -> Any:

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import os
-import secrets
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from detectors.reference import Reference
-from streams import records
+from streams import credentials, records
 from streams.store import Store, TransientStoreError
 
 
@@ -162,17 +160,6 @@ class EarlyWriter:
 
 
 def hmac_key(store: Store) -> bytes:
-    """The keyed-fingerprint secret: ``INFERWATCH_HMAC_KEY``, else one kept beside the store."""
-    env = os.environ.get("INFERWATCH_HMAC_KEY")
-    if env:
-        return env.encode()
-    path_env = os.environ.get("INFERWATCH_HMAC_KEY_FILE")
-    if path_env:
-        return Path(path_env).read_bytes().strip()
-    if store.directory is None:
-        raise RuntimeError("a server store needs INFERWATCH_HMAC_KEY or INFERWATCH_HMAC_KEY_FILE")
-    path = store.directory / "hmac.key"
-    if not path.exists():
-        path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
-    return path.read_bytes().strip()
+    """The keyed-fingerprint secret: ``INFERWATCH_HMAC_KEY`` (or ``_FILE``), else one kept
+    beside the store (``streams.credentials.hmac_key``)."""
+    return credentials.hmac_key(store.directory, os.environ)

@@ -42,17 +42,22 @@ class Format(StrEnum):
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    """One line on stderr, credentials redacted, and exit ``code``."""
+    from streams.credentials import redact
+
+    line = " ".join(redact(message).splitlines())
+    typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
-def _open_store(dsn: str | None) -> Any:
-    """The store of ``dsn``, else of the configuration's store.dsn, or a clear exit."""
+def _open_store(dsn: str | None, cfg: Any = None) -> Any:
+    """The store of ``dsn``, else of the configuration's store.dsn, or a clear exit; its
+    password from the configuration (INFERWATCH_STORE_PASSWORD[_FILE], store.password_file)."""
     from streams.store import Store, StoreError, StoreInUseError, TransientStoreError
 
-    dsn = dsn or _config(None).store_dsn
+    cfg = cfg or _config(None)
     try:
-        return Store(dsn)
+        return Store(dsn or cfg.store_dsn, password=cfg.store_password)
     except StoreInUseError as exc:
         fail(f"{exc}; stop that worker or use another --store")
     except (StoreError, TransientStoreError) as exc:
@@ -113,11 +118,20 @@ def run(
 ) -> None:
     """Consume inference events, run every registered detector, write to the store."""
     from detectors.registry import create_all
+    from streams.credentials import install_redaction, mask, redact
+    from streams.faults import Faults, FaultSpecError
     from streams.sources import SourceError, open_source
     from streams.worker import Worker
 
+    install_redaction()
     cfg = _config(config)
+    try:
+        Faults.from_env()
+    except FaultSpecError as exc:
+        fail(str(exc))
     store = store or cfg.store_dsn
+    if webhook:
+        mask(webhook)
     routes = _configured_routes(cfg, webhook, webhook_ca_file)
     try:
         if source.startswith("kafka://"):
@@ -132,7 +146,7 @@ def run(
     except SourceError as exc:
         fail(str(exc))
     try:
-        st = _open_store(store)
+        st = _open_store(store, cfg)
     except BaseException:
         src.close()
         raise
@@ -156,7 +170,7 @@ def run(
     rejected = sum(counters.rejects_total.values())
     typer.echo(
         f"events {counters.events_total:,}  rejected {rejected:,}  findings "
-        f"{counters.findings_total:,}  alerts {counters.alerts_total:,}  -> {store}"
+        f"{counters.findings_total:,}  alerts {counters.alerts_total:,}  -> {redact(store)}"
     )
     if rejected:
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(counters.rejects_total.items()))
@@ -452,13 +466,16 @@ def config_check(config: ConfigOpt = None) -> None:
     """Check the file and the INFERWATCH_* overrides; print what the worker would use."""
     import dataclasses
 
+    from streams.credentials import redact
+
     cfg = _config(config)
     settings = cfg.worker_settings()
     typer.echo(f"ok: {cfg.path or 'no file (shipped defaults)'}")
     for var_key, var in sorted(cfg.overrides.items()):
         typer.echo(f"  {var_key} from {var}")
-    typer.echo(f"store      {cfg.store_dsn}")
-    typer.echo(f"webhook    {(cfg.webhook or {}).get('url', '-')}")
+    password = " (password given)" if cfg.store_password else ""
+    typer.echo(f"store      {redact(cfg.store_dsn)}{password}")
+    typer.echo(f"webhook    {redact((cfg.webhook or {}).get('url', '-'))}")
     shown = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
     shown["batch_size"] = shown.pop("batch_max")
     shown.pop("limits")
@@ -480,6 +497,9 @@ def config_schema() -> None:
 def main() -> None:
     from streams.cli_analyst import allow_app, incidents_app, silence_app
     from streams.cli_outbox import outbox_app
+    from streams.credentials import install_redaction
+
+    install_redaction()  # log records and an uncaught traceback never show a secret
 
     app.add_typer(outbox_app, name="outbox")
     app.add_typer(silence_app, name="silence")

@@ -300,8 +300,11 @@ def set_reference(
             span = parse_range(str(time_range))
     except (ValueError, OSError) as exc:
         _fail(str(exc))
+    from streams.cli import _config
+
+    password = _config(None).store_password  # INFERWATCH_STORE_PASSWORD[_FILE]
     try:
-        st = Store(store)
+        st = Store(store, password=password)
     except StoreInUseError as exc:
         _fail(f"{exc}; stop that worker, set the reference, start it again (it loads it)")
     except (StoreError, TransientStoreError) as exc:

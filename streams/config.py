@@ -11,6 +11,12 @@ variable, the file (``--config`` or ``INFERWATCH_CONFIG``), the shipped default.
 (``INFERWATCH_WORKER_BATCH_SIZE=5000``). A variable is checked like the file's value, and an
 error names it.
 
+Secrets (``streams/credentials.py``): the store's password (``INFERWATCH_STORE_PASSWORD``), the
+webhook URL, which carries its token (``INFERWATCH_WEBHOOK_URL``) and the HMAC key
+(``INFERWATCH_HMAC_KEY``) may each come from the variable or from the file its ``_FILE`` variant
+names, not both; in the file, ``store.password_file`` and ``routes.webhook.url_file`` name such
+files. Secrets are never printed: every value shown is redacted.
+
 Why a JSON Schema for a TOML file: one machine-readable statement of what is allowed, which
 editors and ``inferwatch config check`` use alike, and errors that name the exact key. What a
 schema cannot say (a detector's parameter names and types, which depend on the registry) is
@@ -33,6 +39,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from streams.credentials import SecretError, mask, read_secret_file, redact, secret_from_env
+
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.json"
 CONFIG_ENV = "INFERWATCH_CONFIG"
 DEFAULT_STORE = "chdb:./inferwatch-data"
@@ -40,9 +48,12 @@ DEFAULT_STORE = "chdb:./inferwatch-data"
 _SETTING_NAMES = {"batch_size": "batch_max"}
 _ENV = {
     "INFERWATCH_STORE": ("store", "dsn"),
-    "INFERWATCH_WEBHOOK_URL": ("routes", "webhook", "url"),
     "INFERWATCH_WEBHOOK_CA_FILE": ("routes", "webhook", "ca_file"),
 }
+# secrets: the variable, or the file its _FILE variant names
+_SECRET_ENV = {"INFERWATCH_WEBHOOK_URL": ("routes", "webhook", "url")}
+STORE_PASSWORD_ENV = "INFERWATCH_STORE_PASSWORD"
+HMAC_KEY_ENV = "INFERWATCH_HMAC_KEY"
 
 
 class ConfigError(ValueError):
@@ -62,6 +73,7 @@ class Config:
     data: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     overrides: dict[str, str] = field(default_factory=dict)  # key path -> variable
+    store_password: str | None = field(default=None, repr=False)
 
     @property
     def store_dsn(self) -> str:
@@ -171,9 +183,12 @@ def load(path: Path | str | None, env: Mapping[str, str]) -> Config:
         for k in keys[:-1]:
             node = node.setdefault(k, {})
         node[keys[-1]] = value
+        if keys[-1] == "url":
+            node.pop("url_file", None)  # the variable beats the file's url_file
         overrides[".".join(keys)] = var
         _check(data, var)
-    cfg = Config(data, Path(path) if path is not None else None, overrides)
+    password = _secrets(data, env, where, overrides)
+    cfg = Config(data, Path(path) if path is not None else None, overrides, password)
     check_detectors(cfg.detectors, where)
     try:
         cfg.silences  # noqa: B018 - times and matchers the schema cannot check
@@ -182,12 +197,57 @@ def load(path: Path | str | None, env: Mapping[str, str]) -> Config:
     return cfg
 
 
+def _secrets(
+    data: dict[str, Any], env: Mapping[str, str], where: str, overrides: dict[str, str]
+) -> str | None:
+    """Read the secret files the file names, check the HMAC key's variables, and return the
+    store's password (variable, else the file's store.password_file)."""
+    try:
+        hook = data.get("routes", {}).get("webhook")
+        if hook is not None:
+            if "url" in hook and "url_file" in hook:
+                raise ConfigError(f"{where}: routes.webhook: url and url_file are both set")
+            if "url_file" in hook:
+                at = f"{where}: routes.webhook.url_file"
+                hook["url"] = validate_url(read_secret_file(hook["url_file"], at), at)
+            elif "url" not in hook:
+                raise ConfigError(f"{where}: routes.webhook: needs url or url_file")
+            else:
+                mask(hook["url"])
+        if secret_from_env(env, HMAC_KEY_ENV) is not None:
+            given = HMAC_KEY_ENV if env.get(HMAC_KEY_ENV) else f"{HMAC_KEY_ENV}_FILE"
+            overrides["hmac_key"] = given
+        from_env = secret_from_env(env, STORE_PASSWORD_ENV)
+        if from_env is not None:
+            overrides["store.password"] = from_env[1]
+            return from_env[0]
+        if "password_file" in data.get("store", {}):
+            return read_secret_file(data["store"]["password_file"], f"{where}: store.password_file")
+    except SecretError as exc:
+        raise ConfigError(str(exc)) from None
+    return None
+
+
+def validate_url(url: str, where: str) -> str:
+    """A webhook URL read from a file is checked like the file's ``url``."""
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError(f"{where}: expected an http(s):// URL, found {redact(url)[:60]!r}")
+    return url
+
+
 def _from_env(env: Mapping[str, str]) -> dict[str, tuple[tuple[str, ...], Any]]:
     props = schema()["properties"]["worker"]["properties"]
     out: dict[str, tuple[tuple[str, ...], Any]] = {}
     for var, keys in _ENV.items():
         if env.get(var):
             out[var] = (keys, env[var])
+    for var, keys in _SECRET_ENV.items():
+        try:
+            given = secret_from_env(env, var)
+        except SecretError as exc:
+            raise ConfigError(str(exc)) from None
+        if given is not None:
+            out[given[1]] = (keys, given[0])
     for var, text in env.items():
         if not var.startswith("INFERWATCH_WORKER_"):
             continue

@@ -11,7 +11,6 @@ checkpoints and returns, and ``streams.evaluate`` scores its alerts against the 
 
 from __future__ import annotations
 
-import shutil
 import signal
 import threading
 import time
@@ -27,13 +26,14 @@ from rich.table import Table
 from rich.text import Text
 
 from detectors.registry import create_all
+from streams import store_dir
 from streams.broker import MockCluster, produce_paced, wait_for
 from streams.demo_report import print_summary as print_summary  # re-exported for the CLI
 from streams.evaluate import Evaluation, evaluate
 from streams.kafka_source import KafkaSource
 from streams.simulate import Truth, simulate
 from streams.sources import SourceError
-from streams.store import LOCK_NAME, Store, StoreError, StoreLock, TransientStoreError, parse_dsn
+from streams.store import Store, StoreError, StoreLock, TransientStoreError, parse_dsn
 from streams.worker import Counters, Worker, WorkerSettings
 
 TOPIC = "inferwatch.events.v1"
@@ -70,31 +70,28 @@ class DemoResult:
 
 
 def prepare_store(store: str, fresh: bool) -> Path:
-    """The store directory; with ``fresh``, emptied first if it is empty or an inferwatch store
-    (it has our lock file) that no process holds."""
+    """The store directory, if it is new, empty or an inferwatch store (``streams/store_dir.py``)
+    that no process holds; with ``fresh``, emptied first, unless it is the root, a home
+    directory, or above the current directory or a home."""
     try:
         dsn = parse_dsn(store)
     except StoreError as exc:
         raise DemoError(str(exc)) from None
     if dsn.path is None:
-        raise DemoError(f"the demo runs on an embedded store (chdb:DIR), not {store}")
+        raise DemoError(f"the demo runs on an embedded store (chdb:DIR), not {dsn}")
     path, lock = dsn.path, StoreLock(dsn.path)
-    if lock.held_elsewhere():
-        raise DemoError(f"store {path} is in use by pid {lock.owner()}; stop it or pass --store")
-    if fresh and path.exists():
-        if not path.is_dir():
-            raise DemoError(f"store {path} is not a directory")
-        entries = list(path.iterdir())
-        if entries and not (path / LOCK_NAME).is_file():
+    try:
+        kind, entries = store_dir.inspect(path)
+        if kind is store_dir.Kind.foreign:
+            raise store_dir.foreign_error(path, entries)
+        if lock.held_elsewhere():
             raise DemoError(
-                f"--fresh clears the store directory, but {path} is neither empty nor an "
-                f"inferwatch store (no {LOCK_NAME}); pass another --store, or --keep"
+                f"store {path} is in use by pid {lock.owner()}; stop it or pass --store"
             )
-        for entry in entries:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+        if fresh and kind is not store_dir.Kind.missing:
+            store_dir.clear(path)
+    except (StoreError, store_dir.StoreDirError, OSError) as exc:
+        raise DemoError(str(exc)) from None
     return path
 
 
@@ -206,18 +203,18 @@ class LiveView:
 
 def run(events: int, seed: int, store: str, fresh: bool, console: Console) -> DemoResult:
     """The demo end to end; DemoError when the store or the broker cannot be used."""
-    store_dir = prepare_store(store, fresh)
-    files = store_dir / DEMO_DIR
-    files.mkdir(parents=True, exist_ok=True)
-    events_path, truth_path = files / EVENTS_FILE, files / TRUTH_FILE
+    directory = prepare_store(store, fresh)
     t0 = time.monotonic()
-    lines, truth = recent_traffic(events, seed, int(time.time() * 1000))
-    truth_path.write_bytes(truth.to_json())
-    try:
-        st = Store(f"chdb:{store_dir}")
+    try:  # first: the store is created (and marked) before the demo's files go into it
+        st = Store(f"chdb:{directory}")
     except (StoreError, TransientStoreError) as exc:
         raise DemoError(str(exc)) from exc
+    files = directory / DEMO_DIR
+    events_path, truth_path = files / EVENTS_FILE, files / TRUTH_FILE
     try:
+        files.mkdir(exist_ok=True)
+        lines, truth = recent_traffic(events, seed, int(time.time() * 1000))
+        truth_path.write_bytes(truth.to_json())
         prior = int(st.query("SELECT count() FROM events FINAL").first_row[0])
         with MockCluster() as cluster:
             counters, producer = _stream(st, cluster, lines, events_path, console, events)
@@ -229,7 +226,7 @@ def run(events: int, seed: int, store: str, fresh: bool, console: Console) -> De
         st.close()
     return DemoResult(
         truth, evaluation, counters, producer.produced, int(stored), int(distinct),
-        time.monotonic() - t0, not producer.finished, prior, store_dir, events_path, truth_path,
+        time.monotonic() - t0, not producer.finished, prior, directory, events_path, truth_path,
     )  # fmt: skip
 
 

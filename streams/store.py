@@ -4,26 +4,38 @@
 process through clickhouse-connect's chdb backend; ``http(s)://HOST:PORT[/DB]`` talks to a
 server. Same SQL and client API either way. One process owns an embedded store: we take our own
 ``flock`` on ``DIR/inferwatch.lock`` (released by the kernel when the process dies, so a restart
-after SIGKILL is never refused) and name the owner's pid when it is taken.
+after SIGKILL is never refused) and name the owner's pid when it is taken. Only a directory
+that is new, empty or already a store is opened (``streams/store_dir.py``). A server DSN's
+password may come from ``INFERWATCH_STORE_PASSWORD`` (or ``_FILE``) instead of the DSN; a DSN is
+printed with its credentials redacted.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import threading
+import urllib.parse
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from streams import store_dir
+from streams.credentials import mask, redact
+from streams.store_dir import LOCK_NAME as LOCK_NAME
+from streams.store_dir import StoreDirError, UnsafeFileError, open_owned
+
 DEFAULT_DSN = "chdb:./inferwatch-data"
-LOCK_NAME = "inferwatch.lock"
 # Replacing tables drop duplicates at merge and every read uses FINAL or argMax, so sorting
 # each inserted block a second time to drop duplicates early is wasted: it was a third of the
 # events insert (load-tests/README.md).
 INSERT_SETTINGS = {"optimize_on_insert": 0}
+# clickhouse-connect logs a warning before raising what we classify and report in one line;
+# without a handler of its own, logging's last resort would print it as a second line.
+logging.getLogger("clickhouse_connect").addHandler(logging.NullHandler())
 
 
 class StoreError(Exception):
@@ -57,7 +69,8 @@ class Dsn:
         return self.kind == "chdb"
 
     def __str__(self) -> str:
-        return f"chdb:{self.path}" if self.path else self.url
+        """The DSN as it may be printed: credentials redacted."""
+        return f"chdb:{self.path}" if self.path else redact(self.url)
 
 
 def parse_dsn(dsn: str) -> Dsn:
@@ -80,12 +93,22 @@ def parse_dsn(dsn: str) -> Dsn:
             raise StoreError(f"store {dsn!r}: chdb needs a directory, e.g. {DEFAULT_DSN}")
         return Dsn("chdb", path=Path(rest).expanduser().resolve())
     if dsn.startswith(("http://", "https://")):
+        parts = urllib.parse.urlsplit(dsn)
+        if parts.password:
+            mask(urllib.parse.unquote(parts.password))
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number in 0..65535
+        except ValueError as exc:
+            raise StoreError(f"store {redact(dsn)!r}: bad port ({exc})") from None
+        if not parts.hostname:
+            raise StoreError(f"store {redact(dsn)!r}: expected http(s)://HOST:PORT[/DB]")
         return Dsn(dsn.split(":", 1)[0], url=dsn)
-    raise StoreError(f"store {dsn!r}: expected chdb:DIR or http(s)://HOST:PORT[/DB]")
+    raise StoreError(f"store {redact(dsn)!r}: expected chdb:DIR or http(s)://HOST:PORT[/DB]")
 
 
 class StoreLock:
-    """``flock`` on the store directory, holding the owner's pid (and the API port, later)."""
+    """``flock`` on the store directory, holding the owner's pid (and the API port, later).
+    The lock file is never opened through a symbolic link and must be ours (store_dir)."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
@@ -94,14 +117,21 @@ class StoreLock:
 
     def owner(self) -> int | None:
         try:
-            text = self.path.read_text().split()
+            text = store_dir.read_owned(self.path, 64).split()
             return int(text[0]) if text else None
         except (OSError, ValueError):
             return None
 
+    def _open(self, flags: int) -> int:
+        try:
+            return open_owned(self.path, flags)
+        except UnsafeFileError as exc:
+            raise StoreError(f"store {self.directory}: {exc}") from None
+        except OSError as exc:
+            raise StoreError(f"store {self.directory}: {LOCK_NAME}: {exc.strerror}") from None
+
     def acquire(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._open(os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -113,9 +143,9 @@ class StoreLock:
 
     def held_elsewhere(self) -> bool:
         """True if another live process holds the lock (probe without keeping it)."""
-        if not self.path.exists():
+        if not os.path.lexists(self.path):
             return False
-        fd = os.open(self.path, os.O_RDONLY)
+        fd = self._open(os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -144,24 +174,33 @@ def classify(exc: BaseException, dsn: Dsn) -> BaseException:
         "Name or service not known",
         "Temporary failure",
     )
+    first = redact(text.splitlines()[0][:200] if text else type(exc).__name__)
     if isinstance(exc, OSError | TimeoutError) or any(m in text for m in transient_markers):
-        return TransientStoreError(f"store {dsn} unreachable: {text.splitlines()[0][:200]}")
+        return TransientStoreError(f"store {dsn} unreachable: {first}")
     return exc
 
 
-def connect(dsn: Dsn, connect_timeout_s: float = 5.0) -> Any:
-    """A clickhouse-connect client for ``dsn``; connection failures are classified."""
+def connect(dsn: Dsn, connect_timeout_s: float = 5.0, password: str | None = None) -> Any:
+    """A clickhouse-connect client for ``dsn``; connection failures are classified, and any
+    other failure to connect is a StoreError naming the store (redacted), not a traceback."""
     import clickhouse_connect
 
     try:
         if dsn.embedded:
             assert dsn.path is not None
             return clickhouse_connect.get_client(dsn=f"chdb://{dsn.path}")
+        extra: dict[str, Any] = {"password": password} if password else {}
         return clickhouse_connect.get_client(
-            dsn=dsn.url, connect_timeout=connect_timeout_s, send_receive_timeout=30
+            dsn=dsn.url, connect_timeout=connect_timeout_s, send_receive_timeout=30, **extra
         )
     except Exception as exc:
-        raise classify(exc, dsn) from exc
+        classified = classify(exc, dsn)
+        if classified is exc:
+            first = redact(str(exc).splitlines()[0][:200] if str(exc) else "")
+            raise StoreError(
+                f"store {dsn}: cannot connect ({type(exc).__name__}: {first})"
+            ) from exc
+        raise classified from exc
 
 
 def migration_files() -> list[tuple[int, str, str]]:
@@ -205,23 +244,52 @@ def migrate(client: Any, ttl_days: int = 30) -> list[str]:
 class Store:
     """An open store: the client, and for an embedded store the lock that makes it ours."""
 
-    def __init__(self, dsn: str = DEFAULT_DSN, ttl_days: int = 30, lock: bool = True) -> None:
+    def __init__(
+        self,
+        dsn: str = DEFAULT_DSN,
+        ttl_days: int = 30,
+        lock: bool = True,
+        password: str | None = None,
+    ) -> None:
         self.dsn = parse_dsn(dsn)
         self.next_seq = 0  # checkpoint sequence, shared by the workers of this process
         self.lock: StoreLock | None = None
         # The worker thread and the local API's threads share one client; the chdb client must
         # never run two calls at once, so every use of it takes this lock.
         self._client_lock = threading.RLock()
+        if password and urllib.parse.urlsplit(self.dsn.url).password:
+            raise StoreError(
+                f"store {self.dsn}: the DSN has a password and INFERWATCH_STORE_PASSWORD "
+                "(or _FILE) gives another; give it once"
+            )
         if self.dsn.embedded and lock:
             assert self.dsn.path is not None
-            self.lock = StoreLock(self.dsn.path)
-            self.lock.acquire()
+            self._open_directory(self.dsn.path)
         try:
-            self.client = connect(self.dsn)
+            self.client = connect(self.dsn, password=password)
             self.applied = migrate(self.client, ttl_days)
         except BaseException:
             self.close()
             raise
+
+    def _open_directory(self, path: Path) -> None:
+        """Refuse a directory that is not a store, lock it, and mark it a store."""
+        try:
+            kind = store_dir.prepare(path)
+        except StoreDirError as exc:
+            raise StoreError(str(exc)) from None
+        except UnsafeFileError as exc:
+            raise StoreError(f"store {path}: {exc}") from None
+        except OSError as exc:
+            raise StoreError(f"store {path}: {exc.strerror or exc}") from None
+        self.lock = StoreLock(path)
+        self.lock.acquire()
+        if kind is not store_dir.Kind.store:
+            try:
+                store_dir.mark(path)
+            except OSError as exc:
+                self.close()
+                raise StoreError(f"store {path}: cannot write its marker: {exc}") from None
 
     @property
     def directory(self) -> Path | None:

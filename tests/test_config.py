@@ -106,7 +106,7 @@ def test_flags_beat_environment_beats_file(tmp_path: Path) -> None:
         ("[worker]\nbatch_size = 0", "worker.batch_size: 0 is less than the minimum of 1"),
         ('[worker]\nstore_text = "plain"', "worker.store_text: 'plain' is not one of 'redacted'"),
         ('[routes.webhook]\nurl = "ftp://x"', "routes.webhook.url: 'ftp://x' does not match"),
-        ('[routes.webhook]\nca_file = "ca.pem"', "'url' is a required property"),
+        ('[routes.webhook]\nca_file = "ca.pem"', "routes.webhook: needs url or url_file"),
         ('[models.fraud]\ncriticality = "huge"', "models.fraud.criticality: 'huge' is not one"),
         ('[models.fraud]\ncountries = ["gb"]', "models.fraud.countries.0: 'gb' does not match"),
         ('[models.fraud]\nscore_type = "prob"', "models.fraud.score_type: 'prob' is not one"),

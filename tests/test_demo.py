@@ -67,17 +67,17 @@ def test_demo_fresh_clears_only_an_inferwatch_store_or_an_empty_directory(tmp_pa
     theirs = tmp_path / "theirs"
     theirs.mkdir()
     (theirs / "notes.txt").write_text("keep me")
-    with pytest.raises(DemoError, match="neither empty nor an inferwatch store"):
-        prepare_store(f"chdb:{theirs}", fresh=True)
-    assert (theirs / "notes.txt").exists()
-    assert prepare_store(f"chdb:{theirs}", fresh=False) == theirs  # --keep touches nothing
+    for fresh in (True, False):  # --keep would open it as a store: refused too
+        with pytest.raises(DemoError, match=r"is not an inferwatch store: it holds notes\.txt"):
+            prepare_store(f"chdb:{theirs}", fresh=fresh)
+    assert [p.name for p in theirs.iterdir()] == ["notes.txt"]
 
     ours = tmp_path / "ours"
     in_use = f"store {ours} is in use by pid {os.getpid()}"
     with Store(f"chdb:{ours}"), pytest.raises(DemoError, match=in_use):
         prepare_store(f"chdb:{ours}", fresh=True)
     assert prepare_store(f"chdb:{ours}", fresh=True) == ours
-    assert list(ours.iterdir()) == []
+    assert [p.name for p in ours.iterdir()] == ["inferwatch.store"]  # still a store, empty
     with pytest.raises(DemoError, match=r"embedded store \(chdb:DIR\)"):
         prepare_store("http://127.0.0.1:8123", fresh=True)
 
