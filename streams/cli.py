@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import sys
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 
+from streams.cli_output import Format, emit
 from streams.cli_reference import app as reference_app
 
 app = typer.Typer(
@@ -33,12 +31,6 @@ StoreOpt = Annotated[
         f"of the config (INFERWATCH_CONFIG), else {DEFAULT_STORE}.",
     ),
 ]
-
-
-class Format(StrEnum):
-    table = "table"
-    jsonl = "jsonl"
-    csv = "csv"
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -216,48 +208,6 @@ def _run_with_progress(worker: Any, src: Any, quiet: bool) -> Any:
         )
 
 
-def _emit(rows: list[dict[str, Any]], fmt: Format, columns: list[str]) -> None:
-    import orjson
-
-    if fmt is Format.jsonl:
-        out = sys.stdout.buffer
-        for row in rows:
-            out.write(orjson.dumps(row, default=str, option=orjson.OPT_SORT_KEYS) + b"\n")
-        return
-    if fmt is Format.csv:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _cell(v) for k, v in row.items()})
-        sys.stdout.write(buf.getvalue())
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(show_lines=False, box=None, header_style="bold")
-    for col in columns:
-        table.add_column(col, overflow="fold")
-    for row in rows:
-        table.add_row(*(_cell(row[c]) for c in columns))
-    console = Console(width=None if sys.stdout.isatty() else 200)
-    console.print(table)
-    if not rows:
-        typer.echo("(none)")
-
-
-def _cell(value: Any) -> str:
-    import datetime as dt
-
-    import orjson
-
-    if isinstance(value, dt.datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S")
-    if isinstance(value, dict | list):
-        return orjson.dumps(value, default=str).decode()
-    return "" if value is None else str(value)
-
-
 def _query(store: str | None, name: str, **params: Any) -> list[dict[str, Any]]:
     """A named query: through the running worker's API if one owns the store, else directly.
     Datetimes come back UTC-aware either way, so both paths print the same RFC 3339 text."""
@@ -322,7 +272,7 @@ def alerts(
     """Alerts (alert v1), newest first."""
     rows = _query(store, "alerts", since=since, detector=detector, status=status, limit=limit)
     cols = ["ts", "severity", "status", "detector", "model_id", "entity_type", "entity"]
-    _emit(rows, fmt, [*cols, "event_count", "score"])
+    emit(rows, fmt, [*cols, "event_count", "score"])
 
 
 @app.command()
@@ -336,7 +286,7 @@ def findings(
     """Findings (finding v1): one detector's verdict on one event, newest first."""
     rows = _query(store, "findings", since=since, detector=detector, limit=limit)
     cols = ["ts", "detector", "label", "score", "model_id", "api_key_id", "event_id"]
-    _emit(rows, fmt, cols)
+    emit(rows, fmt, cols)
 
 
 @app.command()

@@ -14,7 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
-from streams.cli import Format, StoreOpt, _emit, _open_store, _query, _worker_api, fail
+from streams.cli import StoreOpt, _open_store, _query, _worker_api, fail
+from streams.cli_output import Format, emit, text
 from streams.queries import duration_s, iso_ms
 
 silence_app = typer.Typer(
@@ -105,7 +106,9 @@ def silence_add(
     except ValueError as exc:
         fail(str(exc))
     _apply(store, "silence_add", args, wait, lambda st: analyst.add_silence(st, silence))
-    typer.echo(f"silence {silence.silence_id} until {iso_ms(silence.ends_ms)} by {silence.author}")
+    typer.echo(
+        f"silence {silence.silence_id} until {iso_ms(silence.ends_ms)} by {text(silence.author)}"
+    )
 
 
 @silence_app.command("list")
@@ -117,7 +120,7 @@ def silence_list(
     """Active silences (with --all, expired ones too)."""
 
     rows = _query(store, "silences", scope="all" if all_ else "active")
-    _emit(rows, fmt, ["silence_id", "matchers", "starts", "ends", "author", "comment"])
+    emit(rows, fmt, ["silence_id", "matchers", "starts", "ends", "author", "comment"])
 
 
 @silence_app.command("expire")
@@ -131,7 +134,7 @@ def silence_expire(
 
     _apply(store, "silence_expire", {"silence_id": silence_id}, wait,
            lambda st: analyst.expire_silence(st, silence_id))  # fmt: skip
-    typer.echo(f"silence {silence_id} expired")
+    typer.echo(f"silence {text(silence_id)} expired")
 
 
 # --- allow-list -----------------------------------------------------------------------------
@@ -162,7 +165,9 @@ def allow_add(
     except ValueError as exc:
         fail(str(exc))
     _apply(store, "allow_add", args, wait, lambda st: analyst.add_allow(st, entry))
-    typer.echo(f"allow {entry.allow_id}: {entity_type} {entity} until {iso_ms(entry.ends_ms)}")
+    typer.echo(
+        f"allow {entry.allow_id}: {entity_type} {text(entity)} until {iso_ms(entry.ends_ms)}"
+    )
 
 
 @allow_app.command("list")
@@ -174,7 +179,7 @@ def allow_list(
     """Active allow-list entries (with --all, expired ones too)."""
 
     rows = _query(store, "allow_list", scope="all" if all_ else "active")
-    _emit(rows, fmt, ["allow_id", "entity_type", "entity", "model_id", "ends", "author", "reason"])
+    emit(rows, fmt, ["allow_id", "entity_type", "entity", "model_id", "ends", "author", "reason"])
 
 
 @allow_app.command("expire")
@@ -188,7 +193,7 @@ def allow_expire(
 
     _apply(store, "allow_expire", {"allow_id": allow_id}, wait,
            lambda st: analyst.expire_allow(st, allow_id))  # fmt: skip
-    typer.echo(f"allow {allow_id} expired")
+    typer.echo(f"allow {text(allow_id)} expired")
 
 
 # --- incidents ------------------------------------------------------------------------------
@@ -210,7 +215,7 @@ def incidents_list(
     rows = _query(store, "incidents", **({"status": status} if status else {}))
     for r in rows:
         r["alerts"] = len(r["alert_ids"])
-    _emit(rows if fmt is not Format.table else [{c: r[c] for c in LIST_COLUMNS} for r in rows],
+    emit(rows if fmt is not Format.table else [{c: r[c] for c in LIST_COLUMNS} for r in rows],
           fmt, LIST_COLUMNS)  # fmt: skip
 
 
@@ -225,11 +230,13 @@ def incidents_show(
     (inc,) = _query(store, "incidents", incident_id=incident_id)
     for key in analyst.INCIDENT_COLUMNS:
         if key not in ("alert_ids", "notes"):
-            typer.echo(f"{key:12} {_text(inc[key])}")
-    typer.echo("notes        " + (inc["notes"] or "-").replace("\n", "\n             "))
+            typer.echo(f"{key:12} {text(inc[key]) or '-'}")
+    # notes are stored one per line; each is shown escaped on its own line
+    notes = [text(note) for note in (inc["notes"] or "-").split("\n")]
+    typer.echo("notes        " + "\n             ".join(notes))
     typer.echo(f"alerts       {len(inc['alert_ids'])}")
     for row in inc["alerts"]:
-        typer.echo("  " + "  ".join(str(v) for v in row.values()))
+        typer.echo("  " + "  ".join(text(v) for v in row.values()))
 
 
 def _change(incident_id: str, change: dict[str, Any], store: str | None, wait: float) -> None:
@@ -250,7 +257,7 @@ def incidents_ack(
     from streams import analyst
 
     _change(incident_id, analyst.incident_change("ack", analyst.operator(), note=note), store, wait)
-    typer.echo(f"incident {incident_id} acknowledged by {analyst.operator()}")
+    typer.echo(f"incident {text(incident_id)} acknowledged by {text(analyst.operator())}")
 
 
 @incidents_app.command("assign")
@@ -266,7 +273,7 @@ def incidents_assign(
 
     change = analyst.incident_change("assign", analyst.operator(), to, note)
     _change(incident_id, change, store, wait)
-    typer.echo(f"incident {incident_id} assigned to {to}")
+    typer.echo(f"incident {text(incident_id)} assigned to {text(to)}")
 
 
 @incidents_app.command("close")
@@ -285,8 +292,4 @@ def incidents_close(
     except ValueError as exc:
         fail(str(exc))
     _change(incident_id, change, store, wait)
-    typer.echo(f"incident {incident_id} closed: {verdict}")
-
-
-def _text(value: Any) -> str:
-    return "-" if value is None or value == "" else str(value)
+    typer.echo(f"incident {text(incident_id)} closed: {verdict}")
