@@ -402,13 +402,24 @@ def config_schema() -> None:
     typer.echo(SCHEMA_PATH.read_text(), nl=False)
 
 
-def main() -> None:
+def full_app() -> typer.Typer:
+    """The whole command tree (idempotent): the analyst's groups are added here rather than at
+    import, so ``--help`` stays fast."""
     from streams.cli_analyst import allow_app, incidents_app, silence_app
 
-    app.add_typer(silence_app, name="silence")
-    app.add_typer(allow_app, name="allow")
-    app.add_typer(incidents_app, name="incidents")
-    app()
+    present = {group.name for group in app.registered_groups}
+    for name, group in (
+        ("silence", silence_app),
+        ("allow", allow_app),
+        ("incidents", incidents_app),
+    ):
+        if name not in present:
+            app.add_typer(group, name=name)
+    return app
+
+
+def main() -> None:
+    full_app()()
 
 
 if __name__ == "__main__":

@@ -74,8 +74,10 @@ def _apply(store: str | None, command: str, args: dict[str, Any], wait: float, d
     if state["state"] == "pending":
         fail(f"the worker has not applied it yet (command {state['id']}); it will at its next "
              "checkpoint", code=1)  # fmt: skip
+    if state["state"] == "rejected":  # refused when applied: the store changed meanwhile
+        fail(str(state.get("error")))
     if state["state"] != "applied":
-        fail(f"the worker could not apply it: {state}", code=1)
+        fail(f"the worker could not apply it: {state.get('error', state)}", code=1)
 
 
 # --- silences -------------------------------------------------------------------------------
@@ -239,14 +241,20 @@ def incidents_show(
         typer.echo("  " + "  ".join(text(v) for v in row.values()))
 
 
-def _change(incident_id: str, change: dict[str, Any], store: str | None, wait: float) -> None:
+def _change(action: str, incident_id: str, value: str, note: str, store: str | None,
+            wait: float) -> None:  # fmt: skip
+    """Check the values of ``action`` (one-line error and exit 2), then apply it."""
     from streams import analyst
 
+    try:
+        change = analyst.incident_change(action, analyst.operator(), value, note)
+    except ValueError as exc:
+        fail(str(exc))
     _apply(store, "incident_change", {"incident_id": incident_id, "change": change}, wait,
            lambda st: analyst.update_incident(st, incident_id, change))  # fmt: skip
 
 
-NoteOpt = Annotated[str, typer.Option(help="A note appended to the incident.")]
+NoteOpt = Annotated[str, typer.Option(help="A note appended to the incident (one line).")]
 
 
 @incidents_app.command("ack")
@@ -256,7 +264,7 @@ def incidents_ack(
     """Acknowledge: someone is on it."""
     from streams import analyst
 
-    _change(incident_id, analyst.incident_change("ack", analyst.operator(), note=note), store, wait)
+    _change("ack", incident_id, "", note, store, wait)
     typer.echo(f"incident {text(incident_id)} acknowledged by {text(analyst.operator())}")
 
 
@@ -269,10 +277,7 @@ def incidents_assign(
     wait: WaitOpt = 30.0,
 ) -> None:
     """Assign to an analyst."""
-    from streams import analyst
-
-    change = analyst.incident_change("assign", analyst.operator(), to, note)
-    _change(incident_id, change, store, wait)
+    _change("assign", incident_id, to, note, store, wait)
     typer.echo(f"incident {text(incident_id)} assigned to {text(to)}")
 
 
@@ -285,11 +290,5 @@ def incidents_close(
     wait: WaitOpt = 30.0,
 ) -> None:
     """Close with a verdict (recorded with who and when)."""
-    from streams import analyst
-
-    try:
-        change = analyst.incident_change("close", analyst.operator(), verdict, note)
-    except ValueError as exc:
-        fail(str(exc))
-    _change(incident_id, change, store, wait)
+    _change("close", incident_id, verdict, note, store, wait)
     typer.echo(f"incident {text(incident_id)} closed: {verdict}")
