@@ -12,11 +12,12 @@ version with ``ends_at`` = now, so the history stays readable.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import getpass
 import hashlib
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -26,6 +27,8 @@ from streams.store import Store
 
 VERDICTS = ("true_positive", "false_positive", "benign_expected")
 INCIDENT_STATUSES = ("open", "acknowledged", "resolved", "closed")
+ENTITY_TYPES = ("api_key", "client_ip", "session", "tenant", "model")
+LATEST_END_MS = 4_102_444_800_000  # 2100-01-01, the last time an event may carry
 _MS = pa.timestamp("ms", tz="UTC")
 
 
@@ -46,6 +49,36 @@ def _id(*parts: object) -> str:
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:12]
 
 
+# --- checks: an analyst's command is refused with what was expected, before it is applied ---
+
+
+def one_line(value: object, what: str, required: bool = True) -> str:
+    """``value`` if it is one line of printable text (non-empty when ``required``)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what}: expected text, got {type(value).__name__}")
+    if required and not value.strip():
+        raise ValueError(f"{what} is empty")
+    if not value.isprintable():
+        raise ValueError(f"{what} {value!r}: expected one line of printable text")
+    return value
+
+
+def time_ms(value: object, what: str) -> int:
+    """``value`` as milliseconds since the epoch, no later than 2100-01-01."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{what}: expected milliseconds since the epoch, got {value!r}")
+    if not 0 <= value <= LATEST_END_MS:
+        raise ValueError(f"{what} {value}: expected a time between 1970 and 2100-01-01")
+    return value
+
+
+def unknown(kind: str, given: str, known: Sequence[str], listing: str) -> ValueError:
+    """The error for an id that does not exist: the closest existing one, and how to list."""
+    close = difflib.get_close_matches(given, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"no {kind} {given!r}{hint} (`{listing}` shows them)")
+
+
 # --- silences -------------------------------------------------------------------------------
 
 
@@ -59,18 +92,38 @@ def new_silence(
 ) -> Silence:
     """A checked silence of alerts matching every one of ``matchers``, from ``starts_ms`` (now)
     until ``ends_ms``; ValueError says what is wrong."""
+    if isinstance(matchers, str) or not all(isinstance(m, str) for m in matchers):
+        raise ValueError(f"matchers: expected a list of LABEL=VALUE texts, got {matchers!r}")
     parsed = tuple(Matcher.parse(m) for m in matchers)
     if not parsed:
         raise ValueError("a silence needs at least one matcher, e.g. detector=abuse.rate_spike")
-    start = now_ms() if starts_ms is None else starts_ms
-    if ends_ms <= max(start, now_ms()):
+    start = now_ms() if starts_ms is None else time_ms(starts_ms, "starts")
+    if time_ms(ends_ms, "ends") <= max(start, now_ms()):
         raise ValueError("a silence must end in the future and after it starts")
-    sid = silence_id or _id(sorted(matchers), start, ends_ms, author)
+    one_line(author, "author")
+    one_line(comment, "comment", required=False)
+    sid = _new_id(silence_id, "silence id") or _id(sorted(matchers), start, ends_ms, author)
     return Silence(sid, parsed, start, ends_ms, author, comment)
 
 
+def _new_id(given: str | None, what: str) -> str | None:
+    if given is None:
+        return None
+    one_line(given, what)
+    if len(given) > 64:
+        raise ValueError(f"{what} {given[:64]!r}...: expected at most 64 characters")
+    return given
+
+
+def check_new_silence(store: Store, silence: Silence) -> Silence:
+    """``silence`` if its id is free (an id names one silence), else ValueError."""
+    if any(s.silence_id == silence.silence_id for s in silences(store, True)):
+        raise ValueError(f"silence {silence.silence_id!r} exists; choose another id")
+    return silence
+
+
 def add_silence(store: Store, silence: Silence) -> Silence:
-    _write_silence(store, silence)
+    _write_silence(store, check_new_silence(store, silence))
     return silence
 
 
@@ -105,11 +158,25 @@ def silences(store: Store, include_expired: bool = False) -> list[Silence]:
     ]
 
 
+def find_silence(store: Store, silence_id: object) -> Silence:
+    """The stored silence ``silence_id``; ValueError naming the closest one if there is none."""
+    one_line(silence_id, "silence id")
+    stored = silences(store, True)
+    for s in stored:
+        if s.silence_id == silence_id:
+            return s
+    assert isinstance(silence_id, str)
+    if silence_id.startswith("config-"):
+        raise ValueError(
+            f"silence {silence_id!r} comes from the configuration file ([[silences]]): "
+            "change its ends there and restart the worker"
+        )
+    listing = "inferwatch silence list --all"
+    raise unknown("silence", silence_id, [s.silence_id for s in stored], listing)
+
+
 def expire_silence(store: Store, silence_id: str) -> Silence:
-    found = [s for s in silences(store, True) if s.silence_id == silence_id]
-    if not found:
-        raise ValueError(f"no silence {silence_id!r}; `inferwatch silence list` shows them")
-    s = found[0]
+    s = find_silence(store, silence_id)
     expired = Silence(s.silence_id, s.matchers, s.starts_ms, min(s.ends_ms, now_ms()), s.author,
                       s.comment)  # fmt: skip
     _write_silence(store, expired)
@@ -130,19 +197,29 @@ def new_allow(
 ) -> AllowEntry:
     """A checked entry: alerts of ``entity`` (on ``model_id``, or every model when empty) are
     expected until ``ends_ms``: recorded as silenced, not notified; findings are kept."""
-    types = ("api_key", "client_ip", "session", "tenant", "model")
-    if entity_type not in types:
-        raise ValueError(f"entity type {entity_type!r}: expected one of {', '.join(types)}")
-    if not entity:
+    if entity_type not in ENTITY_TYPES:
+        raise ValueError(f"entity type {entity_type!r}: expected one of {', '.join(ENTITY_TYPES)}")
+    if not isinstance(entity, str) or not entity:
         raise ValueError("an allow-list entry needs an entity")
-    if ends_ms <= now_ms():
+    if not isinstance(model_id, str):
+        raise ValueError(f"model: expected a model id, got {model_id!r}")
+    if time_ms(ends_ms, "ends") <= now_ms():
         raise ValueError("an allow-list entry must expire in the future")
-    aid = allow_id or _id(entity_type, entity, model_id, ends_ms, author)
+    one_line(author, "author")
+    one_line(reason, "reason", required=False)
+    aid = _new_id(allow_id, "allow id") or _id(entity_type, entity, model_id, ends_ms, author)
     return AllowEntry(aid, entity_type, entity, model_id, ends_ms, author, reason)
 
 
+def check_new_allow(store: Store, entry: AllowEntry) -> AllowEntry:
+    """``entry`` if its id is free, else ValueError."""
+    if any(a.allow_id == entry.allow_id for a in allow_entries(store, True)):
+        raise ValueError(f"allow-list entry {entry.allow_id!r} exists; choose another id")
+    return entry
+
+
 def add_allow(store: Store, entry: AllowEntry) -> AllowEntry:
-    _write_allow(store, entry)
+    _write_allow(store, check_new_allow(store, entry))
     return entry
 
 
@@ -175,11 +252,20 @@ def allow_entries(store: Store, include_expired: bool = False) -> list[AllowEntr
     return [AllowEntry(i, et, e, m, int(end), au, r) for i, et, e, m, end, au, r in rows]
 
 
+def find_allow(store: Store, allow_id: object) -> AllowEntry:
+    """The stored entry ``allow_id``; ValueError naming the closest one if there is none."""
+    one_line(allow_id, "allow id")
+    stored = allow_entries(store, True)
+    for a in stored:
+        if a.allow_id == allow_id:
+            return a
+    assert isinstance(allow_id, str)
+    listing = "inferwatch allow list --all"
+    raise unknown("allow-list entry", allow_id, [a.allow_id for a in stored], listing)
+
+
 def expire_allow(store: Store, allow_id: str) -> AllowEntry:
-    found = [a for a in allow_entries(store, True) if a.allow_id == allow_id]
-    if not found:
-        raise ValueError(f"no allow-list entry {allow_id!r}; `inferwatch allow list` shows them")
-    a = found[0]
+    a = find_allow(store, allow_id)
     expired = AllowEntry(a.allow_id, a.entity_type, a.entity, a.model_id,
                          min(a.ends_ms, now_ms()), a.author, a.reason)  # fmt: skip
     _write_allow(store, expired)
@@ -236,24 +322,32 @@ def list_incidents(store: Store, status: str | None = None) -> list[dict[str, An
 
 
 def get_incident(store: Store, incident_id: str) -> dict[str, Any]:
+    one_line(incident_id, "incident id")
     result = store.query(
         f"SELECT {', '.join(INCIDENT_COLUMNS)} FROM incidents FINAL "
         "WHERE incident_id = {i:String}",
         {"i": incident_id},
     ).result_rows
     if not result:
-        raise ValueError(f"no incident {incident_id!r}; `inferwatch incidents list` shows them")
+        known = store.query(
+            "SELECT DISTINCT incident_id FROM incidents ORDER BY incident_id LIMIT 100000"
+        ).result_rows
+        listing = "inferwatch incidents list"
+        raise unknown("incident", incident_id, [r[0] for r in known], listing)
     return dict(zip(INCIDENT_COLUMNS, result[0], strict=True))
 
 
 def incident_change(action: str, author: str, value: str = "", note: str = "") -> dict[str, Any]:
-    """The fields an analyst's ``action`` (ack, assign, close, note) sets."""
+    """The fields an analyst's ``action`` (ack, assign, close, note) sets; ValueError if a
+    value is not what it must be (an assignee and a note are one line of text)."""
+    one_line(author, "author")
+    one_line(note, "note", required=False)
     if action == "ack":
         change: dict[str, Any] = {"status": "acknowledged"}
     elif action == "assign":
-        if not value:
-            raise ValueError("assign needs an assignee")
-        change = {"assignee": value}
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError("assign needs an assignee (--to NAME)")
+        change = {"assignee": one_line(value, "assignee")}
     elif action == "close":
         if value not in VERDICTS:
             raise ValueError(f"verdict {value!r}: expected one of {', '.join(VERDICTS)}")
@@ -268,8 +362,41 @@ def incident_change(action: str, author: str, value: str = "", note: str = "") -
     return change
 
 
+# what a change may set, and the check of each value
+_CHANGE_FIELDS: dict[str, Callable[[object], object]] = {
+    "status": lambda v: _choice(v, "status", INCIDENT_STATUSES),
+    "verdict": lambda v: _choice(v, "verdict", VERDICTS),
+    "verdict_by": lambda v: one_line(v, "verdict_by"),
+    "verdict_at": lambda v: time_ms(v, "verdict_at"),
+    "assignee": lambda v: one_line(v, "assignee"),
+    "note": lambda v: one_line(v, "note"),
+}
+
+
+def _choice(value: object, what: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{what} {value!r}: expected one of {', '.join(allowed)}")
+    return str(value)
+
+
+def check_change(change: object) -> dict[str, Any]:
+    """``change`` if it is what :func:`incident_change` makes (the local API receives it as
+    JSON); ValueError names the first bad field."""
+    if not isinstance(change, dict) or not change:
+        raise ValueError(f"change: expected an object of fields, got {change!r}")
+    unknown_fields = sorted(set(change) - set(_CHANGE_FIELDS))
+    if unknown_fields:
+        raise ValueError(
+            f"change: unknown field {unknown_fields[0]!r}; expected {', '.join(_CHANGE_FIELDS)}"
+        )
+    for name, value in change.items():
+        _CHANGE_FIELDS[name](value)
+    return change
+
+
 def update_incident(store: Store, incident_id: str, change: dict[str, Any]) -> dict[str, Any]:
     """Write the incident again with ``change`` applied (a ``note`` is appended to notes)."""
+    check_change(change)
     inc = get_incident(store, incident_id)
     note = change.get("note")
     inc.update({k: v for k, v in change.items() if k != "note"})

@@ -66,13 +66,16 @@ class ServedWorker(Protocol):
 class CommandSpec:
     """A state change the worker applies on its own thread at its next checkpoint.
 
-    ``check`` validates the arguments when the request arrives (ValueError -> 400), so
-    ``apply`` never sees bad input; ``apply`` failing is a bug and crashes the worker before
-    its commit, like any other."""
+    ``check(worker, args)`` validates the arguments and the ids they name against the store
+    when the request arrives (ValueError -> 400 with the reason), so an analyst's typo is
+    refused at once. ``apply`` checks again, since the store may have changed in between (a
+    silence id taken meanwhile); a command that fails then is marked ``rejected`` (ValueError)
+    or ``failed`` (anything else, the store down included) with its error, and the worker goes
+    on: an analyst's command never stops ingestion."""
 
     apply: Callable[[Any, dict[str, Any]], None]
     args: tuple[str, ...] = ()
-    check: Callable[[dict[str, Any]], object] | None = None
+    check: Callable[[Any, dict[str, Any]], object] | None = None
     checkpoint_soon: bool = False
 
 
@@ -84,6 +87,32 @@ def _need(args: dict[str, Any], *names: str) -> None:
     missing = [n for n in names if n not in args]
     if missing:
         raise ValueError(f"missing args {missing}")
+
+
+def _check_silence(worker: Any, args: dict[str, Any]) -> Any:
+    from streams import analyst
+
+    return analyst.check_new_silence(worker.store, _silence(args))
+
+
+def _check_allow(worker: Any, args: dict[str, Any]) -> Any:
+    from streams import analyst
+
+    return analyst.check_new_allow(worker.store, _allow(args))
+
+
+def _check_silence_expire(worker: Any, args: dict[str, Any]) -> Any:
+    from streams import analyst
+
+    _need(args, "silence_id")
+    return analyst.find_silence(worker.store, args["silence_id"])
+
+
+def _check_allow_expire(worker: Any, args: dict[str, Any]) -> Any:
+    from streams import analyst
+
+    _need(args, "allow_id")
+    return analyst.find_allow(worker.store, args["allow_id"])
 
 
 def _silence(args: dict[str, Any]) -> Any:
@@ -142,9 +171,12 @@ def _change_incident(worker: Any, args: dict[str, Any]) -> None:
     worker.lifecycle.analyst(args["incident_id"], **{k: inc.get(k) for k in kept})
 
 
-def _check_incident(args: dict[str, Any]) -> None:
-    if not isinstance(args.get("incident_id"), str) or not isinstance(args.get("change"), dict):
-        raise ValueError("expected incident_id and change")
+def _check_incident(worker: Any, args: dict[str, Any]) -> None:
+    from streams import analyst
+
+    _need(args, "incident_id", "change")
+    analyst.check_change(args["change"])
+    analyst.get_incident(worker.store, args["incident_id"])
 
 
 COMMANDS: dict[str, CommandSpec] = {
@@ -152,17 +184,21 @@ COMMANDS: dict[str, CommandSpec] = {
     "silence_add": CommandSpec(
         _add_silence,
         ("matchers", "ends_ms", "author", "comment", "starts_ms", "silence_id"),
-        _silence,
+        _check_silence,
         checkpoint_soon=True,
     ),
-    "silence_expire": CommandSpec(_expire_silence, ("silence_id",), checkpoint_soon=True),
+    "silence_expire": CommandSpec(
+        _expire_silence, ("silence_id",), _check_silence_expire, checkpoint_soon=True
+    ),
     "allow_add": CommandSpec(
         _add_allow,
         ("entity_type", "entity", "model_id", "ends_ms", "author", "reason", "allow_id"),
-        _allow,
+        _check_allow,
         checkpoint_soon=True,
     ),
-    "allow_expire": CommandSpec(_expire_allow, ("allow_id",), checkpoint_soon=True),
+    "allow_expire": CommandSpec(
+        _expire_allow, ("allow_id",), _check_allow_expire, checkpoint_soon=True
+    ),
     "incident_change": CommandSpec(
         _change_incident, ("incident_id", "change"), _check_incident, checkpoint_soon=True
     ),
@@ -448,22 +484,29 @@ class ApiServer:
             )
         if spec.check is not None:
             try:
-                spec.check(args)
+                spec.check(self.worker, args)
             except ValueError as exc:
                 raise HttpError(400, f"command {name!r}: {exc}") from None
-        state = {"id": secrets.token_hex(8), "command": name, "state": "pending"}
+        state: dict[str, Any] = {"id": secrets.token_hex(8), "command": name, "state": "pending"}
         with self._states_lock:
             self._states[state["id"]] = state
             while len(self._states) > KEPT_COMMANDS:
                 self._states.popitem(last=False)
 
         def run(worker: Any) -> None:
+            # On the worker's thread, inside its checkpoint: whatever this command meets, it
+            # is reported to whoever sent it, and the checkpoint goes on (CommandSpec).
             try:
                 spec.apply(worker, args)
-            except BaseException:
-                state["state"] = "failed"
-                raise
-            state["state"] = "applied"
+            except ValueError as exc:  # no longer valid: the store changed since the check
+                state.update(state="rejected", error=f"command {name!r}: {exc}")
+            except TransientStoreError as exc:
+                state.update(state="failed", error=f"the store is unavailable ({exc}); retry")
+            except Exception as exc:
+                traceback.print_exc()
+                state.update(state="failed", error=f"internal error: {type(exc).__name__}: {exc}")
+            else:
+                state["state"] = "applied"
 
         answer = dict(state)  # as submitted: the worker may apply it before we reply
         self.worker.commands.append(run)

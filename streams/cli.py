@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import sys
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 
+from streams.cli_output import Format, emit
 from streams.cli_reference import app as reference_app
 
 app = typer.Typer(
@@ -33,12 +31,6 @@ StoreOpt = Annotated[
         f"of the config (INFERWATCH_CONFIG), else {DEFAULT_STORE}.",
     ),
 ]
-
-
-class Format(StrEnum):
-    table = "table"
-    jsonl = "jsonl"
-    csv = "csv"
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -255,48 +247,6 @@ def _run_with_progress(worker: Any, src: Any, quiet: bool) -> Any:
         )
 
 
-def _emit(rows: list[dict[str, Any]], fmt: Format, columns: list[str]) -> None:
-    import orjson
-
-    if fmt is Format.jsonl:
-        out = sys.stdout.buffer
-        for row in rows:
-            out.write(orjson.dumps(row, default=str, option=orjson.OPT_SORT_KEYS) + b"\n")
-        return
-    if fmt is Format.csv:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _cell(v) for k, v in row.items()})
-        sys.stdout.write(buf.getvalue())
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(show_lines=False, box=None, header_style="bold")
-    for col in columns:
-        table.add_column(col, overflow="fold")
-    for row in rows:
-        table.add_row(*(_cell(row[c]) for c in columns))
-    console = Console(width=None if sys.stdout.isatty() else 200)
-    console.print(table)
-    if not rows:
-        typer.echo("(none)")
-
-
-def _cell(value: Any) -> str:
-    import datetime as dt
-
-    import orjson
-
-    if isinstance(value, dt.datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S")
-    if isinstance(value, dict | list):
-        return orjson.dumps(value, default=str).decode()
-    return "" if value is None else str(value)
-
-
 def _query(store: str | None, name: str, **params: Any) -> list[dict[str, Any]]:
     """A named query: through the running worker's API if one owns the store, else directly.
     Datetimes come back UTC-aware either way, so both paths print the same RFC 3339 text."""
@@ -361,7 +311,7 @@ def alerts(
     """Alerts (alert v1), newest first."""
     rows = _query(store, "alerts", since=since, detector=detector, status=status, limit=limit)
     cols = ["ts", "severity", "status", "detector", "model_id", "entity_type", "entity"]
-    _emit(rows, fmt, [*cols, "event_count", "score"])
+    emit(rows, fmt, [*cols, "event_count", "score"])
 
 
 @app.command()
@@ -375,7 +325,7 @@ def findings(
     """Findings (finding v1): one detector's verdict on one event, newest first."""
     rows = _query(store, "findings", since=since, detector=detector, limit=limit)
     cols = ["ts", "detector", "label", "score", "model_id", "api_key_id", "event_id"]
-    _emit(rows, fmt, cols)
+    emit(rows, fmt, cols)
 
 
 @app.command()
@@ -494,18 +444,29 @@ def config_schema() -> None:
     typer.echo(SCHEMA_PATH.read_text(), nl=False)
 
 
-def main() -> None:
+def full_app() -> typer.Typer:
+    """The whole command tree (idempotent): the analyst's groups are added here rather than at
+    import, so ``--help`` stays fast."""
     from streams.cli_analyst import allow_app, incidents_app, silence_app
     from streams.cli_outbox import outbox_app
+
+    present = {group.name for group in app.registered_groups}
+    for name, group in (
+        ("outbox", outbox_app),
+        ("silence", silence_app),
+        ("allow", allow_app),
+        ("incidents", incidents_app),
+    ):
+        if name not in present:
+            app.add_typer(group, name=name)
+    return app
+
+
+def main() -> None:
     from streams.credentials import install_redaction
 
     install_redaction()  # log records and an uncaught traceback never show a secret
-
-    app.add_typer(outbox_app, name="outbox")
-    app.add_typer(silence_app, name="silence")
-    app.add_typer(allow_app, name="allow")
-    app.add_typer(incidents_app, name="incidents")
-    app()
+    full_app()()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
-from streams.cli import Format, StoreOpt, _emit, _open_store, _query, _worker_api, fail
+from streams.cli import StoreOpt, _open_store, _query, _worker_api, fail
+from streams.cli_output import Format, emit, text
 from streams.queries import duration_s, iso_ms
 
 silence_app = typer.Typer(
@@ -73,8 +74,10 @@ def _apply(store: str | None, command: str, args: dict[str, Any], wait: float, d
     if state["state"] == "pending":
         fail(f"the worker has not applied it yet (command {state['id']}); it will at its next "
              "checkpoint", code=1)  # fmt: skip
+    if state["state"] == "rejected":  # refused when applied: the store changed meanwhile
+        fail(str(state.get("error")))
     if state["state"] != "applied":
-        fail(f"the worker could not apply it: {state}", code=1)
+        fail(f"the worker could not apply it: {state.get('error', state)}", code=1)
 
 
 # --- silences -------------------------------------------------------------------------------
@@ -105,7 +108,9 @@ def silence_add(
     except ValueError as exc:
         fail(str(exc))
     _apply(store, "silence_add", args, wait, lambda st: analyst.add_silence(st, silence))
-    typer.echo(f"silence {silence.silence_id} until {iso_ms(silence.ends_ms)} by {silence.author}")
+    typer.echo(
+        f"silence {silence.silence_id} until {iso_ms(silence.ends_ms)} by {text(silence.author)}"
+    )
 
 
 @silence_app.command("list")
@@ -117,7 +122,7 @@ def silence_list(
     """Active silences (with --all, expired ones too)."""
 
     rows = _query(store, "silences", scope="all" if all_ else "active")
-    _emit(rows, fmt, ["silence_id", "matchers", "starts", "ends", "author", "comment"])
+    emit(rows, fmt, ["silence_id", "matchers", "starts", "ends", "author", "comment"])
 
 
 @silence_app.command("expire")
@@ -131,7 +136,7 @@ def silence_expire(
 
     _apply(store, "silence_expire", {"silence_id": silence_id}, wait,
            lambda st: analyst.expire_silence(st, silence_id))  # fmt: skip
-    typer.echo(f"silence {silence_id} expired")
+    typer.echo(f"silence {text(silence_id)} expired")
 
 
 # --- allow-list -----------------------------------------------------------------------------
@@ -162,7 +167,9 @@ def allow_add(
     except ValueError as exc:
         fail(str(exc))
     _apply(store, "allow_add", args, wait, lambda st: analyst.add_allow(st, entry))
-    typer.echo(f"allow {entry.allow_id}: {entity_type} {entity} until {iso_ms(entry.ends_ms)}")
+    typer.echo(
+        f"allow {entry.allow_id}: {entity_type} {text(entity)} until {iso_ms(entry.ends_ms)}"
+    )
 
 
 @allow_app.command("list")
@@ -174,7 +181,7 @@ def allow_list(
     """Active allow-list entries (with --all, expired ones too)."""
 
     rows = _query(store, "allow_list", scope="all" if all_ else "active")
-    _emit(rows, fmt, ["allow_id", "entity_type", "entity", "model_id", "ends", "author", "reason"])
+    emit(rows, fmt, ["allow_id", "entity_type", "entity", "model_id", "ends", "author", "reason"])
 
 
 @allow_app.command("expire")
@@ -188,7 +195,7 @@ def allow_expire(
 
     _apply(store, "allow_expire", {"allow_id": allow_id}, wait,
            lambda st: analyst.expire_allow(st, allow_id))  # fmt: skip
-    typer.echo(f"allow {allow_id} expired")
+    typer.echo(f"allow {text(allow_id)} expired")
 
 
 # --- incidents ------------------------------------------------------------------------------
@@ -210,7 +217,7 @@ def incidents_list(
     rows = _query(store, "incidents", **({"status": status} if status else {}))
     for r in rows:
         r["alerts"] = len(r["alert_ids"])
-    _emit(rows if fmt is not Format.table else [{c: r[c] for c in LIST_COLUMNS} for r in rows],
+    emit(rows if fmt is not Format.table else [{c: r[c] for c in LIST_COLUMNS} for r in rows],
           fmt, LIST_COLUMNS)  # fmt: skip
 
 
@@ -225,21 +232,29 @@ def incidents_show(
     (inc,) = _query(store, "incidents", incident_id=incident_id)
     for key in analyst.INCIDENT_COLUMNS:
         if key not in ("alert_ids", "notes"):
-            typer.echo(f"{key:12} {_text(inc[key])}")
-    typer.echo("notes        " + (inc["notes"] or "-").replace("\n", "\n             "))
+            typer.echo(f"{key:12} {text(inc[key]) or '-'}")
+    # notes are stored one per line; each is shown escaped on its own line
+    notes = [text(note) for note in (inc["notes"] or "-").split("\n")]
+    typer.echo("notes        " + "\n             ".join(notes))
     typer.echo(f"alerts       {len(inc['alert_ids'])}")
     for row in inc["alerts"]:
-        typer.echo("  " + "  ".join(str(v) for v in row.values()))
+        typer.echo("  " + "  ".join(text(v) for v in row.values()))
 
 
-def _change(incident_id: str, change: dict[str, Any], store: str | None, wait: float) -> None:
+def _change(action: str, incident_id: str, value: str, note: str, store: str | None,
+            wait: float) -> None:  # fmt: skip
+    """Check the values of ``action`` (one-line error and exit 2), then apply it."""
     from streams import analyst
 
+    try:
+        change = analyst.incident_change(action, analyst.operator(), value, note)
+    except ValueError as exc:
+        fail(str(exc))
     _apply(store, "incident_change", {"incident_id": incident_id, "change": change}, wait,
            lambda st: analyst.update_incident(st, incident_id, change))  # fmt: skip
 
 
-NoteOpt = Annotated[str, typer.Option(help="A note appended to the incident.")]
+NoteOpt = Annotated[str, typer.Option(help="A note appended to the incident (one line).")]
 
 
 @incidents_app.command("ack")
@@ -249,8 +264,8 @@ def incidents_ack(
     """Acknowledge: someone is on it."""
     from streams import analyst
 
-    _change(incident_id, analyst.incident_change("ack", analyst.operator(), note=note), store, wait)
-    typer.echo(f"incident {incident_id} acknowledged by {analyst.operator()}")
+    _change("ack", incident_id, "", note, store, wait)
+    typer.echo(f"incident {text(incident_id)} acknowledged by {text(analyst.operator())}")
 
 
 @incidents_app.command("assign")
@@ -262,11 +277,8 @@ def incidents_assign(
     wait: WaitOpt = 30.0,
 ) -> None:
     """Assign to an analyst."""
-    from streams import analyst
-
-    change = analyst.incident_change("assign", analyst.operator(), to, note)
-    _change(incident_id, change, store, wait)
-    typer.echo(f"incident {incident_id} assigned to {to}")
+    _change("assign", incident_id, to, note, store, wait)
+    typer.echo(f"incident {text(incident_id)} assigned to {text(to)}")
 
 
 @incidents_app.command("close")
@@ -278,15 +290,5 @@ def incidents_close(
     wait: WaitOpt = 30.0,
 ) -> None:
     """Close with a verdict (recorded with who and when)."""
-    from streams import analyst
-
-    try:
-        change = analyst.incident_change("close", analyst.operator(), verdict, note)
-    except ValueError as exc:
-        fail(str(exc))
-    _change(incident_id, change, store, wait)
-    typer.echo(f"incident {incident_id} closed: {verdict}")
-
-
-def _text(value: Any) -> str:
-    return "-" if value is None or value == "" else str(value)
+    _change("close", incident_id, verdict, note, store, wait)
+    typer.echo(f"incident {text(incident_id)} closed: {verdict}")

@@ -20,16 +20,15 @@ import typer
 
 from streams.cli import (
     ConfigOpt,
-    Format,
     StoreOpt,
     _config,
     _configured_routes,
-    _emit,
     _open_store,
     _query,
     _worker_api,
     fail,
 )
+from streams.cli_output import Format, emit
 
 outbox_app = typer.Typer(
     help="The alert outbox: deliveries pending, refused by a receiver, or delivered.",
@@ -58,7 +57,7 @@ def outbox_list(
     params: dict[str, Any] = {"limit": limit, "route": route}
     if status is not None:
         params["status"] = status.value
-    _emit(_query(store, "outbox", **params), fmt, LIST_COLUMNS)
+    emit(_query(store, "outbox", **params), fmt, LIST_COLUMNS)
 
 
 @outbox_app.command("retry")

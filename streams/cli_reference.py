@@ -37,6 +37,8 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from streams.cli_output import text
+
 app = typer.Typer(help="Reference profiles per model version.", no_args_is_help=True)
 
 DEFAULT_STORE = "chdb:./inferwatch-data"
@@ -316,7 +318,7 @@ def set_reference(
                 hint = "" if span is not None else "; --new-model sets one before its first event"
                 raise ValueError(
                     f"unknown model {model!r}: the store has no events or reference of it; "
-                    f"known models: {', '.join(known) or '(none)'}{hint}"
+                    f"known models: {', '.join(map(text, known)) or '(none)'}{hint}"
                 )
             if span is not None:
                 rows = stored_rows(st, model, version, *span)
@@ -327,7 +329,8 @@ def set_reference(
     finally:
         st.close()
     typer.echo(
-        f"reference of {model} version {version or '(none)'}: {reference.n_events:,} events, "
-        f"{len(reference.feature_names)} features, score type {reference.score_type}, "
-        f"channels {', '.join(reference.channels) or '-'}; stored (seq {seq}) in {store}"
+        f"reference of {text(model)} version {text(version) or '(none)'}: "
+        f"{reference.n_events:,} events, {len(reference.feature_names)} features, score type "
+        f"{reference.score_type}, channels {', '.join(map(text, reference.channels)) or '-'}; "
+        f"stored (seq {seq}) in {store}"
     )

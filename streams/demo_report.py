@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
+from streams.cli_output import text
 from streams.evaluate import Evaluation
 from streams.store import parse_dsn
 
@@ -74,8 +76,8 @@ def _print_scores(console: Console, ev: Evaluation) -> None:
     false = ev.false_alarms
     console.print(f"[bold]False alarms: {len(false)}[/] (alerts on entities no incident involves)")
     for a in false[:TOP_ALERTS]:
-        text = f"{a.detector} {a.entity_type} {a.entity} at {_clock(a.ts_ms)}: {a.title}"
-        console.print(_indented(text, 2, console.width), highlight=False, markup=False)
+        line = text(f"{a.detector} {a.entity_type} {a.entity} at {_clock(a.ts_ms)}: {a.title}")
+        console.print(_indented(line, 2, console.width), highlight=False, markup=False)
     if len(false) > TOP_ALERTS:
         console.print(f"  ... and {len(false) - TOP_ALERTS} more (inferwatch alerts)")
     console.print(
@@ -99,11 +101,11 @@ def _alerts_table(ev: Evaluation) -> Any:
     for col in ("verdict", "ts", "severity", "detector", "entity", "model", "events", "status"):
         short = col in ("verdict", "ts", "severity", "events", "status")
         table.add_column(col, justify="right" if col == "events" else "left", no_wrap=short)
-    for a in top:
-        table.add_row(
+    for a in top:  # values from events are literal text, never markup (streams/cli_output.py)
+        table.add_row(*(Text(text(v)) for v in (
             ev.verdicts[a.alert_id], _clock(a.ts_ms), a.severity, a.detector,
             f"{a.entity_type} {a.entity}", a.model_id, f"{a.event_count:,}", a.status,
-        )  # fmt: skip
+        )))  # fmt: skip
     return table
 
 

@@ -77,7 +77,9 @@ class Matcher:
     @staticmethod
     def parse(text: str) -> Matcher:
         """``detector=abuse.rate_spike``, ``entity=~key-.*``, ``model_id!=chat``."""
-        m = re.fullmatch(r"\s*([a-z_]+)\s*(=~|!~|!=|=)\s*(.*?)\s*", text)
+        # spaces around the parts are trimmed; any other character is part of the value, so
+        # an entity holding a tab or a newline can be silenced too
+        m = re.fullmatch(r" *([a-z_]+) *(=~|!~|!=|=) *(.*?) *", text, re.DOTALL)
         if m is None:
             raise ValueError(f"matcher {text!r}: expected LABEL=VALUE, !=, =~ or !~")
         label, op, value = m.groups()

@@ -79,7 +79,7 @@ def deliveries(
 MAX_RETRY_IDS = 10_000
 
 
-def check_retry(args: dict[str, Any]) -> None:
+def check_retry(worker: Any, args: dict[str, Any]) -> None:
     """The arguments of the ``outbox_retry`` command (the worker's local API), before it is
     accepted: a selection, and values of the right types."""
     ids, route, every = args.get("ids", []), args.get("route"), args.get("all_refused", False)

@@ -21,7 +21,8 @@ import orjson
 import pytest
 from api_worker_process import SETTINGS, IdleSource
 
-from streams import records
+from streams import analyst, records
+from streams.api import ApiServer
 from streams.api_client import API_FILE, ApiClient, ApiError, ApiInfo, read_api_file
 from streams.store import Store, StoreLock
 from streams.worker import Worker
@@ -273,3 +274,125 @@ def test_analyst_commands_go_through_the_owning_worker_and_reach_its_lifecycle(
     assert bad.returncode == 2 and "unknown label 'colour'" in bad.stderr
     missing = run_cli("incidents", "show", "nope", "--store", store)
     assert missing.returncode == 2 and "no incident 'nope'" in missing.stderr
+
+
+FAR_MS = 4_102_444_800_000  # 2100-01-01
+
+
+def seed_incident(store: Store, incident_id: str = "inc-1") -> None:
+    store.insert_arrow(
+        "incidents",
+        analyst.incidents_table(
+            [{"incident_id": incident_id, "group_key": "{detector='abuse.rate_spike'}",
+              "title": "abuse.rate_spike", "status": "open", "alert_ids": ["a1"],
+              "entities": [["api_key", "key_a1"]], "first_seen": T0_MS, "last_seen": T0_MS}]
+        ),
+    )  # fmt: skip
+
+
+def silence_args(**over: Any) -> dict[str, Any]:
+    return {"matchers": ["entity=k"], "ends_ms": FAR_MS, "author": "ana", "silence_id": "s1"} | over
+
+
+def allow_args(**over: Any) -> dict[str, Any]:
+    args = {"entity_type": "api_key", "entity": "k", "ends_ms": FAR_MS, "author": "ana"}
+    return args | {"allow_id": "a1"} | over
+
+
+def change(incident_id: Any = "inc-1", **fields: Any) -> dict[str, Any]:
+    return {"command": "incident_change", "args": {"incident_id": incident_id, "change": fields}}
+
+
+# (body, what the 400 says): unknown ids and bad values of every command the API accepts
+BAD_COMMANDS = [
+    (change("nope", status="acknowledged"), "no incident 'nope'"),
+    (change("inc-l", status="acknowledged"), "did you mean 'inc-1'?"),
+    (change(5, status="acknowledged"), "incident id: expected text"),
+    (change(assignee=""), "assignee is empty"),
+    (change(assignee="bo\r\nroot"), "expected one line of printable text"),
+    (change(verdict="maybe"), "verdict 'maybe': expected one of true_positive"),
+    (change(status="deleted"), "status 'deleted': expected one of open"),
+    (change(verdict_at="yesterday"), "verdict_at: expected milliseconds"),
+    (change(verdict_at=10**18), "expected a time between 1970 and 2100-01-01"),
+    (change(colour="red"), "unknown field 'colour'"),
+    (change(), "expected an object of fields"),
+    ({"command": "incident_change", "args": {"incident_id": "inc-1"}}, "missing args"),
+    ({"command": "silence_expire", "args": {"silence_id": "nope"}}, "no silence 'nope'"),
+    ({"command": "silence_expire", "args": {"silence_id": "config-0"}}, "configuration file"),
+    ({"command": "silence_expire", "args": {"silence_id": ["s"]}}, "silence id: expected text"),
+    ({"command": "allow_expire", "args": {"allow_id": "nope"}}, "no allow-list entry 'nope'"),
+    ({"command": "allow_expire", "args": {}}, "missing args"),
+    ({"command": "silence_add", "args": silence_args(matchers=["entity=~("])}, "bad regular"),
+    ({"command": "silence_add", "args": silence_args(matchers="entity=k")}, "a list of"),
+    ({"command": "silence_add", "args": silence_args(matchers=[])}, "at least one matcher"),
+    ({"command": "silence_add", "args": silence_args(ends_ms=T0_MS)}, "end in the future"),
+    ({"command": "silence_add", "args": silence_args(ends_ms=10**18)}, "and 2100-01-01"),
+    ({"command": "silence_add", "args": silence_args(ends_ms="soon")}, "ends: expected"),
+    ({"command": "silence_add", "args": silence_args(starts_ms=True)}, "starts: expected"),
+    ({"command": "silence_add", "args": silence_args(author="")}, "author is empty"),
+    ({"command": "silence_add", "args": silence_args(comment=7)}, "comment: expected text"),
+    ({"command": "silence_add", "args": silence_args(silence_id=7)}, "silence id: expected"),
+    ({"command": "silence_add", "args": silence_args(silence_id="taken")}, "'taken' exists"),
+    ({"command": "allow_add", "args": allow_args(entity_type="user")}, "entity type 'user'"),
+    ({"command": "allow_add", "args": allow_args(entity="")}, "needs an entity"),
+    ({"command": "allow_add", "args": allow_args(model_id=3)}, "model: expected"),
+    ({"command": "allow_add", "args": allow_args(ends_ms=T0_MS)}, "expire in the future"),
+    ({"command": "allow_add", "args": allow_args(reason=["x"])}, "reason: expected text"),
+]
+
+
+def test_api_refuses_bad_analyst_commands_and_the_worker_goes_on(served: Served) -> None:
+    seed_incident(served.store)
+    analyst.add_silence(served.store, analyst.new_silence(["entity=x"], FAR_MS, "ana", "", None,
+                                                          "taken"))  # fmt: skip
+    for body, message in BAD_COMMANDS:
+        status, answer = http(f"{served.api.url}/v1/commands", served.api.token, body)
+        error = orjson.loads(answer)["error"]
+        assert (status, message in error) == (400, True), (body, status, error)
+        assert "\n" not in error
+    assert served.thread.is_alive() and served.error is None
+    # nothing was queued; the next good command is applied as usual
+    assert served.worker.commands == []
+    submitted = served.client.command("incident_change", **change(status="acknowledged")["args"])
+    deadline = time.monotonic() + 10
+    while served.client.command_state(submitted["id"])["state"] == "pending":
+        assert time.monotonic() < deadline, "not applied within 10 s"
+        time.sleep(0.05)
+    assert served.client.command_state(submitted["id"])["state"] == "applied"
+    assert analyst.get_incident(served.store, "inc-1")["status"] == "acknowledged"
+    assert served.thread.is_alive() and served.error is None
+
+
+def test_a_command_invalid_by_the_time_it_is_applied_is_rejected_and_the_checkpoint_goes_on(
+    tmp_path: Path,
+) -> None:
+    with Store(f"chdb:{tmp_path / 'store'}") as store:
+        seed_incident(store)
+        worker = Worker(store, IdleSource(), [], SETTINGS)
+        api = ApiServer(worker, None)  # not serving: submit() is what a request calls
+        try:
+            # each is valid when it arrives; the first of each pair takes the id, and the
+            # incident is gone before the checkpoint that applies the change
+            bodies = [
+                {"command": "silence_add", "args": silence_args()},
+                {"command": "silence_add", "args": silence_args(comment="again")},
+                {"command": "allow_add", "args": allow_args()},
+                {"command": "allow_add", "args": allow_args(reason="again")},
+                change(status="acknowledged"),
+            ]
+            ids = [api.submit(body)["id"] for body in bodies]
+            store.command("DELETE FROM incidents WHERE incident_id = 'inc-1'")
+            worker.checkpoint()  # no exception: the worker goes on
+            states = [api.route("GET", f"/v1/commands/{i}", {}, None)[1] for i in ids]
+        finally:
+            api.stop()
+        assert [s["state"] for s in states] == [
+            "applied", "rejected", "applied", "rejected", "rejected"
+        ]  # fmt: skip
+        assert "silence 's1' exists" in states[1]["error"]
+        assert "allow-list entry 'a1' exists" in states[3]["error"]
+        assert "no incident 'inc-1'" in states[4]["error"]
+        assert worker.counters.checkpoints_total == 1
+        assert [s.comment for s in worker.lifecycle.silences] == [""]
+        assert [a.reason for a in worker.lifecycle.allow] == [""]
+        assert [s.comment for s in analyst.silences(store)] == [""]
