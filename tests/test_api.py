@@ -242,6 +242,7 @@ def test_cli_reads_through_the_api_while_a_worker_process_runs(tmp_path: Path) -
 
 def test_cli_fails_clearly_when_the_owner_has_no_reachable_api(tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
+    store_dir.mkdir(mode=0o700)  # a store directory exists before its lock is taken
     lock = StoreLock(store_dir)
     lock.acquire()
     try:
