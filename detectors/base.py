@@ -52,7 +52,7 @@ class KeySpace:
 
 def entity_keys(events: EventBatch, entity_type: str) -> StrArray:
     """The entity key of every event. Client IPs and sessions spread over partitions, so their
-    state is per (partition, entity) (DESIGN.md section 2): the key carries the partition."""
+    state is per (partition, entity) (docs/architecture.md): the key carries the partition."""
     if entity_type == "api_key":
         return events.api_key_id
     if entity_type in ("client_ip", "session"):

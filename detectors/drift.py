@@ -25,7 +25,7 @@ Why this way:
   window, so the last hop is tested on its own; gradual and incremental drift is caught by the
   window tests. An optional per-column CUSUM (``cusum_k``) adds sequential accumulation.
 - **Event order.** Windows counted in events are cut in (``ts``, ``event_id``) order among the
-  events the watermark has passed (DESIGN.md section 6): events wait as bin codes (one byte per
+  events the watermark has passed (docs/architecture.md): events wait as bin codes (one byte per
   column) until then; events behind the released watermark are late, counted and dropped.
 - **Warm-up.** A version's counting starts after the last event its reference consumed, and no
   alert fires before its first full window.

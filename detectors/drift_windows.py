@@ -3,7 +3,7 @@
 It is fed bin codes (:meth:`detectors.drift_bins.BinLayout.codes`) in event order, optionally
 with event times. A hop closes after ``hop_events`` events, or when the next event is
 ``hop_ms`` after the hop's first one; a window is the last ``window_hops`` hops, cut shorter so
-that it spans at most ``window_ms`` (whichever closes first, DESIGN.md section 6). Hop counts are
+that it spans at most ``window_ms`` (whichever closes first, docs/architecture.md). Hop counts are
 one histogram per hop on the reference's bins, and windows are differences of their running sum:
 statistics are never recomputed from events.
 

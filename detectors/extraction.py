@@ -5,7 +5,7 @@ No single request of these attacks is suspicious; the sequence is. Every query o
 a reference (numeric features, vectors, category codes) is mapped by :mod:`detectors.
 query_sketch` to normal scores calibrated on that reference, an 8-byte quantised projection and
 an exact hash, and compared with the caller's own last 32 queries. Per caller (api key; client
-IP per partition, DESIGN.md section 2) the detector keeps integer counts over a window of the
+IP per partition, docs/architecture.md) the detector keeps integer counts over a window of the
 caller's last 129-256 queries (two blocks of 128), so a batch cut anywhere gives the same result:
 
 - **near-duplicate probing** (AML.T0043): a query that is not a byte-identical repeat but lies

@@ -1,7 +1,7 @@
 """Key -> dense slot maps, one per entity type, with idle eviction in event time.
 
 Every keyed detector stores its per-key state as numpy columns indexed by a slot. The map from
-key to slot is shared by all detectors of an entity type (DESIGN.md section 7), so a batch is
+key to slot is shared by all detectors of an entity type (docs/architecture.md), so a batch is
 looked up once, not once per detector. Lookups are batched: the keys of a batch are
 dictionary-encoded first, so the Python dictionary is touched once per distinct key, not once
 per event.

@@ -39,7 +39,7 @@ Entities: api keys only. A chain needs one caller's consecutive queries: on a cl
 of hundreds of callers, kept per partition) the ring of 8 fills with other callers' queries and
 the chains break, so address state would cost as much as key state and see little. An attacker
 who rotates keys every few queries is not seen here; that needs a re-keyed fingerprint stream
-(DESIGN.md section 2). A finding for every flagged query; one alert per key episode (closed
+(docs/architecture.md). A finding for every flagged query; one alert per key episode (closed
 ``close_after_s`` after its last flagged query), through the keyed-episode machinery of
 :mod:`detectors.episodes`, with its own title and summary.
 

@@ -42,7 +42,7 @@ def _segmented_cummax(values: I64, seg_id: I64) -> I64:
 class RateSpike(RateEpisodes, DetectorBase):
     """A caller's request rate jumps far above its own history, or far above what callers do.
 
-    Counts requests per api key and per client IP (per partition, DESIGN.md section 2) in
+    Counts requests per api key and per client IP (per partition, docs/architecture.md) in
     tumbling event-time buckets of ``bucket_s``. Each bucket's threshold is fixed when it opens,
     from history only:
 

@@ -1,7 +1,7 @@
 """The embedded Kafka test broker: confluent-kafka's mock cluster, keyed producing, and producing
 paced on a consumer group's lag.
 
-The mock cluster (DESIGN.md section 8) speaks the Kafka protocol on loopback while the producer
+The mock cluster (the README, "Kafka") speaks the Kafka protocol on loopback while the producer
 that created it lives, in this process; other processes reach it at ``bootstrap``. Topics are
 created on first use with 4 partitions. Each partition keeps about 5 MiB and silently deletes
 older messages, so a producer that must not lose events paces on the group's committed offsets
@@ -187,7 +187,7 @@ class MockCluster:
 
 
 def keys_of(lines: Sequence[bytes]) -> list[bytes]:
-    """The events topic is keyed by api_key_id (DESIGN.md section 2).
+    """The events topic is keyed by api_key_id (docs/architecture.md).
 
     >>> keys_of([b'{"api_key_id": "key_1", "ts": 1}'])
     [b'key_1']

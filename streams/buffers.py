@@ -100,7 +100,7 @@ class EarlyWriter:
 
     The events insert is the largest part of a checkpoint, and chdb releases the GIL while it
     runs, so it can go on beside decoding and detection of the next batches on the second core.
-    This keeps the checkpoint order (DESIGN.md section 6): event rows are idempotent and carry no
+    This keeps the checkpoint order (docs/architecture.md): event rows are idempotent and carry no
     checkpoint seq, so writing them before the checkpoint that covers them is safe (a replay
     writes the same rows again), and :meth:`drain` waits for the write in flight before the
     checkpoint writes the rest, state and positions. One write is in flight at a time; a failed

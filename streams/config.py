@@ -1,7 +1,7 @@
 """The configuration file: one TOML file, checked against ``schemas/config.schema.json``.
 
 What it holds: the store, worker settings, the webhook route, per-detector parameter overrides
-and the model inventory (DESIGN.md section 4). Every key is optional and running with no file
+and the model inventory (the contracts in schemas/). Every key is optional and running with no file
 works: the defaults are the shipped ones.
 
 Where values come from, strongest first: a command-line flag, an ``INFERWATCH_*`` environment

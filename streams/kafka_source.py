@@ -1,7 +1,7 @@
 """Kafka source: one member of a consumer group whose positions follow the worker's checkpoints.
 
 Offsets are never committed automatically: the worker commits at its checkpoints, after the
-sinks flushed and its state was saved (DESIGN.md section 6). Partitions move with the
+sinks flushed and its state was saved (docs/architecture.md). Partitions move with the
 cooperative-sticky assignor. On assignment the worker loads the partitions' state and returns
 the store's positions, which win over the broker's committed offsets (the state matches the
 store); a partition with neither starts at ``start_from``. On revocation the worker checkpoints

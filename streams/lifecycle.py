@@ -24,7 +24,7 @@ decides what a person sees of those alerts:
 
 Why here and pure: grouping is policy over alert records, not detection, and it must replay
 exactly; so it takes records and a clock in, and gives records and notifications out; the
-worker stores and delivers them (STYLE.md: side effects in streams/ modules that do I/O).
+worker stores and delivers them (side effects live in streams/, see docs/architecture.md).
 
 >>> lc = Lifecycle(Grouping(group_wait_ms=30_000))
 >>> a = {"alert_id": "a1", "detector": "abuse.rate_spike", "model_id": "fraud", "status": "firing",

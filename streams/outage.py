@@ -1,4 +1,4 @@
-"""What the worker does while its store is down (DESIGN.md section 6, sink outage).
+"""What the worker does while its store is down (docs/architecture.md, sink outage).
 
 A checkpoint's writes are retried as a whole (every table is idempotent and the state rows are
 built once, :class:`streams.checkpoint.Prepared`), after a delay drawn with full jitter from an

@@ -35,7 +35,7 @@ INT64_MIN = int(np.iinfo(np.int64).min)
 
 
 class Watermark:
-    """One watermark per worker (DESIGN.md section 6): the minimum, over partitions that
+    """One watermark per worker (docs/architecture.md): the minimum, over partitions that
     delivered an event in the last ``idle_partition_s`` of wall clock, of the largest event time
     seen on that partition, minus the allowed lateness. It never moves back."""
 

@@ -180,7 +180,7 @@ def alert_record(
     owasp: tuple[str, ...],
     emitted_at_ms: int,
 ) -> dict[str, Any]:
-    """One alert v1 record (DESIGN.md section 4) from an episode change."""
+    """One alert v1 record (the contracts in schemas/) from an episode change."""
     resolved = change.status == "resolved"
     return {
         "alert_id": alert_id(

@@ -1,6 +1,6 @@
 """The worker: poll -> pipeline -> buffer rows -> checkpoint (flush, save state, commit).
 
-Checkpoint order (DESIGN.md section 6): every sink flushes, then detector state is saved with
+Checkpoint order (docs/architecture.md): every sink flushes, then detector state is saved with
 the source positions, then the source commits. A crash anywhere before the positions are saved
 replays from the previous checkpoint; every table is idempotent, so the replay leaves the same
 rows. Checkpoints happen every ``checkpoint_s`` of wall clock or ``checkpoint_events`` events,
@@ -346,7 +346,7 @@ class Worker:
         )
 
     def _record_gaps(self) -> None:
-        """Events retention deleted before we read them (DESIGN.md section 6): a dead letter
+        """Events retention deleted before we read them (docs/architecture.md): a dead letter
         with the range, the lost-events counter and an alert (see ``RetentionGap``)."""
         gaps: list[Any] | None = getattr(self.source, "gaps", None)
         if not gaps:
@@ -436,7 +436,7 @@ class Worker:
         return notes
 
     def _tick(self, at_least: int = INT64_MIN) -> int:
-        """The lifecycle clock (DESIGN.md section 6): the watermark for a file, which replays;
+        """The lifecycle clock (docs/architecture.md): the watermark for a file, which replays;
         the wall clock for a live (Kafka) source. It never moves back."""
         if getattr(self.source, "rebalances", False):
             now = int(time.time() * 1000)

@@ -2,7 +2,7 @@
 condition. The mock cluster and paced producing are production code (``streams.broker``, which
 ``inferwatch demo`` uses); they are re-exported here for the tests.
 
-The mock cluster (DESIGN.md section 8) lives while the producer that created it lives, in this
+The mock cluster (the README, "Kafka") lives while the producer that created it lives, in this
 process; a worker subprocess reaches it on loopback. Every topic gets 4 partitions on first
 produce, and each partition keeps about 5 MiB and silently deletes older messages, so producers
 pace on the consumer group's lag unless a test wants that loss.

@@ -1,4 +1,4 @@
-"""The guarantees of DESIGN.md section 6, proven with real processes and a real broker peer:
+"""The guarantees of docs/architecture.md, proven with real processes and a real broker peer:
 SIGKILLs at seeded points, and a store outage injected around the real chdb sink."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
--- inferwatch store, version 2: the alert outbox (DESIGN.md section 6, Delivery).
+-- inferwatch store, version 2: the alert outbox (docs/architecture.md, Delivery).
 -- One row per (alert_id, status, route): a firing -> resolved change is a second delivery, a
 -- firing update of the same episode is not. Rows are written with the checkpoint that stored the
 -- alert (created_seq) and delivered after its positions are saved; rows of a checkpoint that never
