@@ -454,7 +454,9 @@ def config_schema() -> None:
 
 def main() -> None:
     from streams.cli_analyst import allow_app, incidents_app, silence_app
+    from streams.cli_dead_letters import dead_letters
 
+    app.command("dead-letters")(dead_letters)
     app.add_typer(silence_app, name="silence")
     app.add_typer(allow_app, name="allow")
     app.add_typer(incidents_app, name="incidents")
