@@ -124,7 +124,7 @@ class Worker:
                 self.hmac_key, int(s.event_id_window_s * 1000), s.max_event_ids
             ),
         )
-        self.counters = Counters()
+        self.counters = Counters(event_id_window_s=s.event_id_window_s)
         self._alert_ids: set[str] = set()  # episodes seen by this process (few: one per episode)
         self.buffers = Buffers()
         self.early = EarlyWriter(store, min_rows=s.batch_max)
