@@ -154,6 +154,7 @@ REJECT_REASONS = (
     "oversize_text",
     "oversize_vector",
     "bad_timestamp",
+    "conflicting_event_id",  # not the decoder's: a stored event_id with other bytes
 )
 
 

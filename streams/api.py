@@ -284,6 +284,12 @@ SCALAR_METRICS = (
         "last_checkpoint_s",
     ),
     ("inferwatch_batch_seconds", "gauge", "Duration of the last batch.", "last_batch_s"),
+    (
+        "inferwatch_event_id_window_seconds",
+        "gauge",
+        "How far back in event time a reused event_id is caught.",
+        "event_id_window_s",
+    ),
     ("inferwatch_sink_paused", "gauge", "1 while the store is down (input paused).", "sink_paused"),
     (
         "inferwatch_sink_failures_total",

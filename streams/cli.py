@@ -448,8 +448,11 @@ def full_app() -> typer.Typer:
     """The whole command tree (idempotent): the analyst's groups are added here rather than at
     import, so ``--help`` stays fast."""
     from streams.cli_analyst import allow_app, incidents_app, silence_app
+    from streams.cli_dead_letters import dead_letters
     from streams.cli_outbox import outbox_app
 
+    if not any(c.name == "dead-letters" for c in app.registered_commands):
+        app.command("dead-letters")(dead_letters)
     present = {group.name for group in app.registered_groups}
     for name, group in (
         ("outbox", outbox_app),

@@ -45,6 +45,10 @@ REBALANCING_COMMIT_ERRORS = (
 )
 
 
+DLQ_MESSAGE_BYTES = 16 << 20  # the DLQ producer's message.max.bytes unless configured
+DLQ_HEAD_BYTES = 512 << 10  # what is kept of a message the DLQ topic refuses as too large
+
+
 class KafkaSource:
     """Consumer-group source for the worker; ``set_rebalance`` wires in its hooks."""
 
@@ -93,6 +97,7 @@ class KafkaSource:
         self._fatal: KafkaError | None = None
         self._producer: Any = None
         self._dlq_failed: list[str] = []
+        self._dlq_too_large: list[tuple[bytes, list[Any]]] = []  # refused by the broker
         consumer_conf = {
             **DEFAULT_CONSUMER,
             **config,
@@ -246,32 +251,54 @@ class KafkaSource:
         partition: npt.NDArray[np.int32],
         offset: npt.NDArray[np.int64],
     ) -> None:
-        """Produce the raw bytes of ``rejects`` to the DLQ topic and wait for the broker."""
+        """Produce the raw bytes of ``rejects`` to the DLQ topic and wait for the broker. The
+        DLQ is where a rejected message is kept whole (the store keeps it redacted), so a
+        message the DLQ topic refuses as too large is sent again as its first
+        ``DLQ_HEAD_BYTES`` with a ``truncated_from`` header (its whole size): the source
+        partition and offset in the headers still lead to the original."""
         if not rejects:
             return
         producer = self._dlq_producer()
         for r in rejects:
             headers = [
                 ("reason", r.reason.encode()),
-                ("detail", r.detail.encode()),
+                ("detail", r.detail[:1000].encode("utf-8", "replace")),
                 ("source_partition", str(int(partition[r.index])).encode()),
                 ("source_offset", str(int(offset[r.index])).encode()),
             ]
-            while True:
-                try:
-                    producer.produce(
-                        self.dlq_topic, value=r.raw, headers=headers, on_delivery=self._delivered
-                    )
-                    break
-                except BufferError:  # local queue full: let deliveries drain
-                    producer.poll(0.1)
+            self._produce_dlq(producer, r.raw, headers)
         remaining = producer.flush(self.timeout_s)
+        if self._dlq_too_large:
+            again, self._dlq_too_large = self._dlq_too_large, []
+            for value, headers in again:
+                self._produce_dlq(producer, value, headers, truncate=True)
+            remaining = producer.flush(self.timeout_s)
         if remaining or self._dlq_failed:
             failed, self._dlq_failed = self._dlq_failed, []
             raise SourceError(
                 f"{self.name}: {remaining} DLQ messages undelivered after {self.timeout_s}s; "
                 f"errors: {failed[:3]}"
             )
+
+    def _produce_dlq(
+        self, producer: Any, value: bytes, headers: list[Any], truncate: bool = False
+    ) -> None:
+        while True:
+            if truncate and len(value) > DLQ_HEAD_BYTES:
+                headers = [*headers, ("truncated_from", str(len(value)).encode())]
+                value, truncate = value[:DLQ_HEAD_BYTES], False
+            try:
+                producer.produce(
+                    self.dlq_topic, value=value, headers=headers, on_delivery=self._delivered
+                )
+                return
+            except BufferError:  # local queue full: let deliveries drain
+                producer.poll(0.1)
+            except KafkaException as exc:
+                too_large = exc.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE
+                if not too_large or len(value) <= DLQ_HEAD_BYTES:
+                    raise SourceError(f"{self.name}: DLQ produce failed: {exc}") from exc
+                truncate = True
 
     def close(self) -> None:
         """Leave the group. The worker checkpointed already; a revocation now commits nothing
@@ -384,6 +411,9 @@ class KafkaSource:
     def _dlq_producer(self) -> Any:
         if self._producer is None:
             conf = {k: v for k, v in self._config.items() if k not in DEFAULT_CONSUMER}
+            # librdkafka's producer refuses messages over 1 MB by default, but a rejected message
+            # is often an oversize one that the source topic accepted: try to keep it whole
+            conf.setdefault("message.max.bytes", str(DLQ_MESSAGE_BYTES))
             try:
                 self._producer = Producer({**conf, "bootstrap.servers": self.bootstrap})
             except KafkaException as exc:
@@ -391,7 +421,11 @@ class KafkaSource:
         return self._producer
 
     def _delivered(self, err: KafkaError | None, msg: Any) -> None:
-        if err is not None:
+        if err is None:
+            return
+        if err.code() == KafkaError.MSG_SIZE_TOO_LARGE and len(msg.value()) > DLQ_HEAD_BYTES:
+            self._dlq_too_large.append((msg.value(), msg.headers() or []))
+        else:
             self._dlq_failed.append(err.str())
 
     def _on_error(self, err: KafkaError) -> None:

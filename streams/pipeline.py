@@ -30,6 +30,8 @@ from detectors.reference_store import ReferenceStore
 from detectors.routing import FeatureIndex, route
 from schemas.batch import Decoded, EventBatch, Limits
 from schemas.decode import decode
+from streams import fingerprint
+from streams.event_ids import EventIds
 
 INT64_MIN = int(np.iinfo(np.int64).min)
 
@@ -84,6 +86,10 @@ class DetectorResult:
     # source positions of the polled messages, by message index (rejects point into these)
     partition: npt.NDArray[np.int32] = field(default_factory=lambda: np.zeros(0, np.int32))
     offset: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+    # keyed fingerprint of each polled message; for conflicting_event_id rejects, the stored
+    # version's fingerprint by message index
+    fingerprints: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, np.uint64))
+    stored_fingerprints: dict[int, int] = field(default_factory=dict)
 
 
 class Pipeline:
@@ -98,8 +104,10 @@ class Pipeline:
         idle_partition_s: float = 30.0,
         idle_key_ms: int = 86_400_000,
         max_keys: int = 2_000_000,
+        event_ids: EventIds | None = None,
     ) -> None:
         self.detectors = list(detectors)
+        self.event_ids = event_ids or EventIds(b"")
         self.limits = limits or Limits()
         self.references = references or ReferenceStore()
         self.keyspace = KeySpace(max_keys)
@@ -119,11 +127,17 @@ class Pipeline:
     ) -> DetectorResult:
         t0 = time.perf_counter()
         decoded = decode(messages, self.limits, partition, offset)
-        batch = decoded.batch
         t1 = time.perf_counter()
-        result = self.run(batch, decoded)
+        # reused event ids (streams/event_ids.py): conflicts become rejects before detection
+        fps = fingerprint.of_messages(messages, self.event_ids.fingerprint_key)
+        self.event_ids.expire(self.watermark.value)
+        decoded, stored = self.event_ids.screen(decoded, messages, fps)
+        t2 = time.perf_counter()
+        result = self.run(decoded.batch, decoded)
         result.stage_s["decode"] = t1 - t0
+        result.stage_s["event_ids"] = t2 - t1
         result.partition, result.offset = partition, offset
+        result.fingerprints, result.stored_fingerprints = fps, stored
         return result
 
     def run(self, batch: EventBatch, decoded: Decoded) -> DetectorResult:

@@ -25,6 +25,10 @@ FINDING_COLUMNS = (
     "detector_version, label, score, atlas, owasp, evidence"
 )
 JSON_TEXT_FIELDS = ("linked_entities", "evidence")
+DEAD_LETTER_COLUMNS = (
+    "received_at, reason, source, source_partition, source_offset, gap_to, event_id, field, "
+    "detail, raw_bytes, fingerprint, stored_fingerprint, structure"
+)
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -118,6 +122,33 @@ def _filters(since: str | None, detector: str | None) -> tuple[list[str], dict[s
     return where, params
 
 
+def dead_letters(
+    store: Store, since: str | None = None, reason: str | None = None, limit: int = 1000
+) -> list[dict[str, Any]]:
+    """Rejected messages as stored (redacted, streams/dead_letters.py), newest first by the time
+    they were received; ``raw`` is left out."""
+    from schemas.batch import REJECT_REASONS
+
+    where: list[str] = []
+    params: dict[str, Any] = {"limit": limit}
+    bound = parse_since(since)
+    if bound is not None:
+        where.append("received_at >= {since:DateTime64(3, 'UTC')}")
+        params["since"] = bound
+    if reason:
+        known = (*REJECT_REASONS, "retention_gap")
+        if reason not in known:
+            raise ValueError(f"--reason {reason!r}: expected one of {', '.join(known)}")
+        where.append("reason = {reason:String}")
+        params["reason"] = reason
+    sql = (
+        f"SELECT {DEAD_LETTER_COLUMNS} FROM dead_letters FINAL WHERE {' AND '.join(where) or '1'} "
+        "ORDER BY received_at DESC, source, source_partition, source_offset, reason "
+        "LIMIT {limit:UInt32}"
+    )
+    return _rows(store, sql, params)
+
+
 def counts(store: Store) -> dict[str, int]:
     """Deduplicated row counts of the main tables (the demo's and the tests' summary)."""
     out = {}
@@ -185,6 +216,7 @@ def iso_ms(ms: int) -> str:
 QUERIES = {
     "alerts": alerts,
     "findings": findings,
+    "dead_letters": dead_letters,
     "counts": counts,
     "incidents": incidents,
     "silences": silences,

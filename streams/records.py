@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +18,8 @@ import orjson
 import pyarrow as pa
 
 from detectors.base import AlertChange, Findings, WindowMetric
-from schemas.batch import EventBatch, Reject
+from schemas.batch import EventBatch
+from streams.fingerprint import hex16
 
 TS = pa.timestamp("ms", tz="UTC")
 ALERT_SCHEMA_VERSION = 1
@@ -81,6 +81,13 @@ def _vector(batch: EventBatch) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float32()))
 
 
+def text_hmac(key: bytes, text: str) -> str:
+    """The keyed fingerprint of a text column (``prompt_hmac``, ``output_text_hmac``): the first
+    128 bits of HMAC-SHA256, hex."""
+    data = text.encode("utf-8", "surrogatepass")
+    return hmac.new(key, data, hashlib.sha256).hexdigest()[:32]
+
+
 def _text(texts: npt.NDArray[np.object_], key: bytes, store_text: str) -> tuple[pa.Array, pa.Array]:
     """(stored text, keyed HMAC-SHA256 fingerprint); raw text is kept only when configured."""
     present = np.flatnonzero(texts != "")
@@ -90,7 +97,7 @@ def _text(texts: npt.NDArray[np.object_], key: bytes, store_text: str) -> tuple[
         return empty, empty
     fingerprints = np.full(len(texts), "", dtype=object)
     for i in present.tolist():
-        fingerprints[i] = hmac.new(key, texts[i].encode(), hashlib.sha256).hexdigest()[:32]
+        fingerprints[i] = text_hmac(key, texts[i])
     if store_text == "raw":
         stored = texts
     else:
@@ -100,7 +107,14 @@ def _text(texts: npt.NDArray[np.object_], key: bytes, store_text: str) -> tuple[
     return pa.array(stored, pa.string()), pa.array(fingerprints, pa.string())
 
 
-def events_table(batch: EventBatch, hmac_key: bytes, store_text: str = "redacted") -> pa.Table:
+def events_table(
+    batch: EventBatch,
+    hmac_key: bytes,
+    store_text: str = "redacted",
+    fingerprints: npt.NDArray[np.uint64] | None = None,
+) -> pa.Table:
+    """The ``events`` rows of a batch; ``fingerprints`` (per row, ``streams/fingerprint.py``) of
+    the messages the events arrived as, empty when not given."""
     prompt, prompt_hmac = _text(batch.prompt, hmac_key, store_text)
     out_text, out_hmac = _text(batch.output_text, hmac_key, store_text)
     s = pa.string()
@@ -135,6 +149,9 @@ def events_table(batch: EventBatch, hmac_key: bytes, store_text: str = "redacted
             "payload_bytes": pa.array(batch.payload_bytes, pa.int32()),
             "source_partition": pa.array(batch.partition, pa.int32()),
             "source_offset": pa.array(batch.offset, pa.int64()),
+            "fingerprint": (
+                pa.array([""] * batch.n, s) if fingerprints is None else hex16(fingerprints)
+            ),
         }
     )
 
@@ -277,28 +294,5 @@ def metrics_table(metrics: Sequence[WindowMetric]) -> pa.Table:
             "window_end": pa.array([m.window_end_ms for m in metrics], TS),
             "value": pa.array([float(m.value) for m in metrics], pa.float64()),
             "event_count": pa.array([m.event_count for m in metrics], pa.uint64()),
-        }
-    )
-
-
-def dead_letters_table(
-    source: str,
-    rejects: Sequence[Reject],
-    partition: npt.NDArray[np.int32],
-    offset: npt.NDArray[np.int64],
-) -> pa.Table:
-    now = int(time.time() * 1000)
-    idx = np.array([r.index for r in rejects], np.int64)
-    return pa.table(
-        {
-            "source": pa.array([source] * len(rejects), pa.string()),
-            "source_partition": pa.array(partition[idx] if len(idx) else [], pa.int32()),
-            "source_offset": pa.array(offset[idx] if len(idx) else [], pa.int64()),
-            "reason": pa.array([r.reason for r in rejects], pa.string()),
-            "detail": pa.array([r.detail for r in rejects], pa.string()),
-            "raw": pa.array([r.raw for r in rejects], pa.binary()),
-            "raw_bytes": pa.array([len(r.raw) for r in rejects], pa.uint64()),
-            "gap_to": pa.array([-1] * len(rejects), pa.int64()),
-            "received_at": pa.array([now] * len(rejects), TS),
         }
     )

@@ -306,6 +306,14 @@ class Store:
         except Exception as exc:
             raise classify(exc, self.dsn) from exc
 
+    def query_arrow(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
+        """Run a read into an Arrow table (bulk reads: no Python object per value)."""
+        try:
+            with self._client_lock:
+                return self.client.query_arrow(sql, parameters=parameters or {})
+        except Exception as exc:
+            raise classify(exc, self.dsn) from exc
+
     def command(self, sql: str, parameters: dict[str, Any] | None = None) -> Any:
         try:
             with self._client_lock:

@@ -120,9 +120,10 @@ def inspect(path: Path) -> tuple[Kind, list[str]]:
 def foreign_error(path: Path, entries: list[str]) -> StoreDirError:
     """What was found, the entries that are neither ours nor chdb's first."""
     strangers = [e for e in entries if not (_is_ours(e) or e in CHDB)]
-    shown = ", ".join(strangers[:3])
-    if len(entries) > 3:
-        shown += f" and {len(entries) - min(len(strangers), 3)} more"
+    first = (strangers + [e for e in entries if e not in strangers])[:3]
+    shown = ", ".join(first)
+    if len(entries) > len(first):
+        shown += f" and {len(entries) - len(first)} more"
     return StoreDirError(
         f"store {path} is not an inferwatch store: it holds {shown} and no {MARKER_NAME}; "
         "use a new or empty directory"

@@ -25,7 +25,7 @@ import pyarrow as pa
 from detectors.base import Detector
 from detectors.reference_store import ReferenceStore
 from schemas.batch import Limits
-from streams import analyst, checkpoint, records
+from streams import analyst, checkpoint, dead_letters, event_ids, records
 from streams.buffers import Buffers, EarlyWriter, Rows, hmac_key
 from streams.checkpoint import Prepared
 from streams.faults import FAULT_ENV, Faults
@@ -34,7 +34,7 @@ from streams.lifecycle import Grouping, Lifecycle, Notification, Silence
 from streams.outage import RouteHealth, SinkOutage
 from streams.outbox import Outbox, Route
 from streams.pipeline import DetectorResult, Pipeline
-from streams.sources import Source
+from streams.sources import Skipped, Source
 from streams.store import Store, TransientStoreError
 
 if TYPE_CHECKING:
@@ -63,6 +63,8 @@ class WorkerSettings:
     lag_alert_events: int = 1_000_000  # consumer lag above this...
     lag_alert_s: float = 300.0  # ...for this long raises pipeline.consumer_lag
     limits: Limits = field(default_factory=Limits)
+    event_id_window_s: float = event_ids.WINDOW_MS / 1000  # how far back reused ids are caught...
+    max_event_ids: int = event_ids.MAX_IDS  # ...while that many ids at most
     score_types: dict[str, str] = field(default_factory=dict)  # model -> score type (inventory)
     criticality: dict[str, str] = field(default_factory=dict)  # model -> criticality (inventory)
     grouping: Grouping = field(default_factory=Grouping)
@@ -86,6 +88,7 @@ class Counters:
     deliveries_refused_total: dict[str, int] = field(default_factory=dict)  # by route
     last_checkpoint_s: float = 0.0
     last_batch_s: float = 0.0
+    event_id_window_s: float = 0.0  # how far back in event time reused ids are caught now
     stage_s: dict[str, float] = field(default_factory=dict)
 
     def add_stage(self, stage: str, secs: float) -> None:
@@ -107,6 +110,9 @@ class Worker:
         self.store = store = self.faults.wrap(store)
         self.routes = tuple(routes)
         self.source = source
+        self.hmac_key = hmac_key(store)
+        if hasattr(source, "max_line_bytes"):  # a file source skips longer lines unread
+            source.max_line_bytes = s.limits.max_message_bytes
         self.pipeline = Pipeline(
             detectors,
             s.limits,
@@ -115,16 +121,20 @@ class Worker:
             idle_partition_s=s.idle_partition_s,
             idle_key_ms=int(s.idle_key_s * 1000),
             max_keys=s.max_keys,
+            event_ids=event_ids.EventIds(
+                self.hmac_key, int(s.event_id_window_s * 1000), s.max_event_ids
+            ),
         )
-        self.counters = Counters()
+        self.counters = Counters(event_id_window_s=s.event_id_window_s)
         self._alert_ids: set[str] = set()  # episodes seen by this process (few: one per episode)
         self.buffers = Buffers()
         self.early = EarlyWriter(store, min_rows=s.batch_max)
-        self.hmac_key = hmac_key(store)
         self.stop_requested = threading.Event()
         self.commands: list[Callable[[Worker], None]] = []  # applied at the next checkpoint
         self._checkpoint_requested = threading.Event()
         checkpoint.begin(store)
+        # what earlier runs stored, whatever this run replays (--from-start included)
+        event_ids.restore(store, self.pipeline.event_ids)
         # after begin: it tells which checkpoint completed, so the outbox can drop the rest
         self.outbox = Outbox(store, routes, s.delivery_budget_s) if routes else None
         self.route_health = RouteHealth(s.route_alert_s)
@@ -235,6 +245,8 @@ class Worker:
         while not self.stop_requested.is_set():
             polled = self.source.poll(self.settings.batch_max, self.settings.poll_timeout_s)
             self._record_gaps()
+            if polled.skipped:
+                self._skipped(polled.skipped)
             if polled.messages:
                 t0 = time.perf_counter()
                 result = self.pipeline.process(polled.messages, polled.partition, polled.offset)
@@ -305,9 +317,11 @@ class Worker:
         c = self.counters
         t0 = time.perf_counter()
         if batch.n:
-            self.buffers.add(
-                "events", records.events_table(batch, self.hmac_key, self.settings.store_text)
-            )
+            fps = result.fingerprints[result.decoded.rows]
+            events = records.events_table(batch, self.hmac_key, self.settings.store_text, fps)
+            self.buffers.add("events", events)
+            watermark = self.pipeline.watermark.value
+            c.event_id_window_s = self.pipeline.event_ids.reach_ms(watermark) / 1000
         c.events_total += batch.n
         c.late_events_total += result.late_events
         if result.decoded.rejects:
@@ -341,8 +355,21 @@ class Worker:
             self.counters.alerts_total += 1
 
     def _dead_letters(self, result: DetectorResult) -> pa.Table:
-        return records.dead_letters_table(
-            self.source.name, result.decoded.rejects, result.partition, result.offset
+        return dead_letters.table(
+            self.source.name, result.decoded.rejects, result.partition, result.offset,
+            result.fingerprints, result.stored_fingerprints, self.hmac_key,
+            store_raw=self.settings.store_text == "raw",
+        )  # fmt: skip
+
+    def _skipped(self, skipped: tuple[Skipped, ...]) -> None:
+        """Lines a file source refused unread (over the message limit): dead letters."""
+        c = self.counters
+        c.rejects_total["oversize_message"] = c.rejects_total.get("oversize_message", 0) + len(
+            skipped
+        )
+        limit = self.settings.limits.max_message_bytes
+        self.buffers.add(
+            "dead_letters", dead_letters.skipped_table(self.source.name, skipped, limit)
         )
 
     def _record_gaps(self) -> None:

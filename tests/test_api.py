@@ -139,7 +139,8 @@ def test_api_rejects_unknown_queries_and_parameters_naming_what_exists(served: S
     status, body = http(f"{served.api.url}/v1/query/DROP%20TABLE%20alerts", token)
     assert status == 400
     assert orjson.loads(body)["error"].startswith(
-        "unknown query 'DROP TABLE alerts'; known: alerts, allow_list, counts, findings, incidents"
+        "unknown query 'DROP TABLE alerts'; known: alerts, allow_list, counts, dead_letters, "
+        "findings, incidents"
     )
     status, body = http(f"{served.api.url}/v1/query/alerts?sql=1", token)
     assert status == 400
@@ -165,7 +166,7 @@ def test_api_metrics_are_prometheus_text_without_a_token(served: Served) -> None
             "events_total", "rejects_total", "findings_total", "alerts_total",
             "late_events_total", "lost_events_total", "checkpoints_total", "checkpoint_seconds",
             "batch_seconds", "consumer_lag_messages", "stage_seconds_total", "sink_paused",
-            "sink_failures_total", "deliveries_refused_total",
+            "sink_failures_total", "deliveries_refused_total", "event_id_window_seconds",
         )
     }  # fmt: skip
     assert {ln.split()[2] for ln in lines if ln.startswith("# HELP")} == families

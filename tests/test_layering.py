@@ -27,10 +27,11 @@ PACKAGES = ("schemas", "detectors", "streams")
 KNOWN_CYCLE_EDGES: set[tuple[str, str]] = {
     # cli_analyst imports cli's private helpers while cli imports cli_analyst's commands
     ("streams.cli_analyst", "streams.cli"),
-    # the same for the outbox and reference command groups (their shared options and store
+    # the same for the outbox, reference and dead-letter commands (their shared options and store
     # helpers move to one CLI module in the re-layout)
     ("streams.cli_outbox", "streams.cli"),
     ("streams.cli_reference", "streams.cli"),
+    ("streams.cli_dead_letters", "streams.cli"),
 }
 # Imports of streams/ from detectors/ still known, each to be removed.
 KNOWN_LAYER_EDGES: set[tuple[str, str]] = {
