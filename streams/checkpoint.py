@@ -30,6 +30,8 @@ REFERENCES = "_references"
 CLOCKS = "_clocks"  # the pipeline's event-time bookkeeping (Pipeline.clocks)
 KEYS = "_keys"  # detector name of the key map's rows: each key's last-seen event time
 EXTRA = "+extra"  # entity type suffix of per-key blobs (Snapshot.extras)
+# how reads of model_references pick one row per (model_id, model_version): operator's first
+REFERENCE_PRECEDENCE = "(automatic = 0, seq)"
 # sink tables whose rows carry the checkpoint that wrote them, and the column
 SEQ_COLUMNS = {
     "outbox": "created_seq",
@@ -64,8 +66,17 @@ def begin(store: Store) -> None:
         ).result_rows[0][0]
         if written:
             store.command(f"DELETE FROM {table} WHERE {column} > {{s:UInt64}}", {"s": seq})
-    newest = store.query("SELECT max(seq) FROM detector_state").result_rows[0][0] or 0
-    store.next_seq = max(seq, int(newest)) + 1
+    # automatic references it wrote: its replay builds them again; an operator's stay
+    auto = "automatic = 1 AND seq > {s:UInt64}"
+    written = store.query(f"SELECT count() FROM model_references WHERE {auto}", {"s": seq})
+    if written.result_rows[0][0]:
+        store.command(f"DELETE FROM model_references WHERE {auto}", {"s": seq})
+    # above every row written so far, an operator's reference set before the first run too
+    newest = max(
+        int(store.query(f"SELECT max(seq) FROM {table}").result_rows[0][0] or 0)
+        for table in ("detector_state", "model_references")
+    )
+    store.next_seq = max(seq, newest) + 1
 
 
 def take_seq(store: Store) -> int:
@@ -183,6 +194,7 @@ def prepare(
             "data": pa.array([r.to_bytes() for r in new_references], pa.binary()),
             "created_at": pa.array([now_ms] * len(new_references), pa.timestamp("ms")),
             "seq": pa.array([seq] * len(new_references), pa.uint64()),
+            "automatic": pa.array([1] * len(new_references), pa.uint8()),
         }
         tables.append(("model_references", pa.table(refs)))
     maxts = pipeline.watermark.max_ts
@@ -338,8 +350,11 @@ def _text(value: bytes | str) -> str:
 
 
 def load_references(store: Store) -> list[Reference]:
+    """The reference in force per (model, model_version): an operator's (``reference set``)
+    over the worker's automatic one whatever their ``seq``, then the newest."""
     rows = store.query(
-        "SELECT argMax(data, seq) FROM model_references GROUP BY model_id, model_version",
+        f"SELECT argMax(data, {REFERENCE_PRECEDENCE}) FROM model_references "
+        "GROUP BY model_id, model_version",
         binary=True,
     ).result_rows
     return [Reference.from_bytes(bytes(r[0])) for r in rows]
