@@ -40,6 +40,7 @@ class KeySlots:
         self._free: list[int] = []
         self.last_seen_ms = np.zeros(0, np.int64)
         self.partition = np.zeros(0, np.int32)
+        self.seen_changed = np.zeros(0, bool)  # last_seen_ms moved since :meth:`take_seen`
         self.evictions_total = 0
         self.last_evicted: list[tuple[str, int]] = []  # (key, partition) freed last
 
@@ -86,8 +87,10 @@ class KeySlots:
                 grow = max(1024, slot * 2)
                 self.last_seen_ms = np.resize(self.last_seen_ms, grow)
                 self.partition = np.resize(self.partition, grow)
+                self.seen_changed = np.resize(self.seen_changed, grow)
         self._slot[key] = slot
         self.last_seen_ms[slot] = np.iinfo(np.int64).min
+        self.seen_changed[slot] = False
         return slot
 
     def lookup(
@@ -107,6 +110,7 @@ class KeySlots:
         slots_of_distinct = self.assign(distinct, partition[first_row].tolist())
         slots: I64 = slots_of_distinct[codes]
         np.maximum.at(self.last_seen_ms, slots, ts_ms)
+        self.seen_changed[slots_of_distinct] = True
         return slots
 
     def evict_idle(self, now_ms: int, idle_ms: int) -> I64:
@@ -125,9 +129,24 @@ class KeySlots:
         self.evictions_total += int(idle.size)
         return idle
 
+    def take_seen(self) -> tuple[tuple[str, ...], npt.NDArray[np.int32], I64]:
+        """(keys, partitions, last-seen times) of the keys seen since the last call: what a
+        checkpoint saves, so a restore gets each key's own last-seen time back."""
+        slots = np.flatnonzero(self.seen_changed[: self.capacity]).astype(np.int64)
+        self.seen_changed[slots] = False
+        keys = tuple(str(k) for k in self.keys_of(slots))
+        return keys, self.partition[slots].copy(), self.last_seen_ms[slots].copy()
+
+    def restore_seen(self, keys: list[str], partitions: list[int], last_seen_ms: I64) -> None:
+        """Put saved keys (back) into the map with their last-seen times (see
+        :meth:`take_seen`)."""
+        slots = self.assign(keys, partitions)
+        self.last_seen_ms[slots] = last_seen_ms
+
     def settle(self, max_ts: dict[int, int]) -> None:
-        """Keys restored from the store have no last-seen time: give them their partition's
-        latest event time, so idle eviction counts from the restore, not from the epoch."""
+        """Keys restored without a last-seen time (saved before last-seen times were): give them
+        their partition's latest event time, so idle eviction counts from the restore, not from
+        the epoch."""
         active = self.active_slots()
         unseen = active[self.last_seen_ms[active] == np.iinfo(np.int64).min]
         for slot in unseen.tolist():
@@ -148,4 +167,5 @@ class KeySlots:
             self.last_evicted.append((key, int(self.partition[slot])))
             del self._slot[key]
             self._keys[slot] = None
+            self.seen_changed[slot] = False
             self._free.append(slot)

@@ -27,7 +27,11 @@ from streams.store import Store
 MODEL = "model"  # entity type of model-level state rows
 ROUTING = "_routing"
 REFERENCES = "_references"
+CLOCKS = "_clocks"  # the pipeline's event-time bookkeeping (Pipeline.clocks)
+KEYS = "_keys"  # detector name of the key map's rows: each key's last-seen event time
 EXTRA = "+extra"  # entity type suffix of per-key blobs (Snapshot.extras)
+# how reads of model_references pick one row per (model_id, model_version): operator's first
+REFERENCE_PRECEDENCE = "(automatic = 0, seq)"
 # sink tables whose rows carry the checkpoint that wrote them, and the column
 SEQ_COLUMNS = {
     "outbox": "created_seq",
@@ -62,8 +66,17 @@ def begin(store: Store) -> None:
         ).result_rows[0][0]
         if written:
             store.command(f"DELETE FROM {table} WHERE {column} > {{s:UInt64}}", {"s": seq})
-    newest = store.query("SELECT max(seq) FROM detector_state").result_rows[0][0] or 0
-    store.next_seq = max(seq, int(newest)) + 1
+    # automatic references it wrote: its replay builds them again; an operator's stay
+    auto = "automatic = 1 AND seq > {s:UInt64}"
+    written = store.query(f"SELECT count() FROM model_references WHERE {auto}", {"s": seq})
+    if written.result_rows[0][0]:
+        store.command(f"DELETE FROM model_references WHERE {auto}", {"s": seq})
+    # above every row written so far, an operator's reference set before the first run too
+    newest = max(
+        int(store.query(f"SELECT max(seq) FROM {table}").result_rows[0][0] or 0)
+        for table in ("detector_state", "model_references")
+    )
+    store.next_seq = max(seq, newest) + 1
 
 
 def take_seq(store: Store) -> int:
@@ -148,19 +161,24 @@ def prepare(
         t0 = time.perf_counter()
         snap = det.snapshot(pipeline.keyspace)
         rows: list[tuple[str, int, str, bytes, int]] = []
+        # deletions first: a key evicted and seen again since the last checkpoint has both rows
+        # under this seq, and the later one must win (in ``load`` and in the table's merges)
+        for et, keys in evicted.items():
+            if et in det.entity_types:
+                rows.extend((et, part, k, b"", 1) for k, part in keys)
         for keyed in snap.keyed:
             rows.extend(_keyed_rows(keyed))
         for et, key, part, blob in snap.extras:
             rows.append((et + EXTRA, part, key, blob or b"", 0 if blob else 1))
-        for et, keys in evicted.items():
-            if et in det.entity_types:
-                rows.extend((et, part, k, b"", 1) for k, part in keys)
         if snap.model is not None:
             rows.append((MODEL, -1, "", snap.model, 0))
         if rows:
             tables.append(("detector_state", _state_table(seq, det.name, rows)))
         snapshot_s[det.name] = time.perf_counter() - t0
-    extra: list[tuple[str, int, str, bytes, int]] = []
+    key_rows = _key_rows(pipeline, evicted)
+    if key_rows:
+        tables.append(("detector_state", _state_table(seq, KEYS, key_rows)))
+    extra: list[tuple[str, int, str, bytes, int]] = [(MODEL, -1, CLOCKS, pipeline.clocks(), 0)]
     if pipeline.features.changed:
         extra.append((MODEL, -1, ROUTING, pipeline.features.snapshot(), 0))
     extra.append((MODEL, -1, REFERENCES, pipeline.references.snapshot(), 0))
@@ -176,6 +194,7 @@ def prepare(
             "data": pa.array([r.to_bytes() for r in new_references], pa.binary()),
             "created_at": pa.array([now_ms] * len(new_references), pa.timestamp("ms")),
             "seq": pa.array([seq] * len(new_references), pa.uint64()),
+            "automatic": pa.array([1] * len(new_references), pa.uint8()),
         }
         tables.append(("model_references", pa.table(refs)))
     maxts = pipeline.watermark.max_ts
@@ -189,6 +208,21 @@ def prepare(
     }
     tables.append(("checkpoints", pa.table(positions)))
     return Prepared(seq, tuple(tables), snapshot_s)
+
+
+def _key_rows(
+    pipeline: Pipeline, evicted: dict[str, list[tuple[str, int]]]
+) -> list[tuple[str, int, str, bytes, int]]:
+    """Rows of the key map: the last-seen time of every key seen since the last checkpoint,
+    and a deletion for every key evicted since. Without them a restore would know a key's
+    detector state but not when it was last seen, and evict it at the wrong time."""
+    rows: list[tuple[str, int, str, bytes, int]] = []
+    for et, gone in sorted(evicted.items()):
+        rows.extend((et, part, k, b"", 1) for k, part in gone)  # first: see ``load``
+    for et, slots in sorted(pipeline.keyspace.maps.items()):
+        keys, parts, seen = slots.take_seen()
+        rows.extend(_keyed_rows(StateRows(et, keys, parts, seen.view("V8"))))
+    return rows
 
 
 def write(store: Store, prepared: Prepared) -> int:
@@ -213,9 +247,13 @@ def load(
     store: Store, pipeline: Pipeline, partitions: set[int] | None, model_level: bool = True
 ) -> int:
     """Restore keyed state rows of ``partitions`` (all when None) and, with ``model_level``,
-    model-level state (loaded once per worker: later assignments must not roll it back)."""
+    model-level state and the stored references (loaded once per worker: later assignments
+    must not roll it back). References are loaded even before the first checkpoint: an
+    operator may set one on a fresh store."""
     seq = committed_seq(store)
     if seq == 0:
+        if model_level:
+            _add_references(store, pipeline)
         return 0
     where = "seq <= {s:UInt64}"
     params: dict[str, Any] = {"s": seq}
@@ -226,9 +264,12 @@ def load(
         where = f"({where}) OR (seq <= {{s:UInt64}} AND partition = -1)"
     else:
         where += " AND partition >= 0"
+    # within one seq a deletion is written before the key's fresh rows (``prepare``): they win
+    newest = "(seq, deleted = 0)"
     result = store.query(
-        "SELECT detector, entity_type, partition, key, argMax(data, seq), argMax(deleted, seq) "
-        f"FROM detector_state WHERE {where} GROUP BY detector, entity_type, partition, key",
+        f"SELECT detector, entity_type, partition, key, argMax(data, {newest}), "
+        f"argMax(deleted, {newest}) FROM detector_state WHERE {where} "
+        "GROUP BY detector, entity_type, partition, key",
         params,
         binary=True,
     ).result_rows
@@ -236,16 +277,34 @@ def load(
     for det, et, part, key, data, deleted in result:
         if not deleted:
             by_det[_text(det)].append((_text(et), int(part), _text(key), bytes(data)))
+    _restore_keys(by_det.pop(KEYS, []), pipeline.keyspace)
     pipe_rows = {key: data for _, _, key, data in by_det.pop("_pipeline", [])}
     if ROUTING in pipe_rows:
         pipeline.features.restore(pipe_rows[ROUTING])
-    if REFERENCES in pipe_rows:
-        pipeline.references.restore(pipe_rows[REFERENCES])
-    for ref in load_references(store):
-        pipeline.references.add(ref)
+    if CLOCKS in pipe_rows:
+        pipeline.restore_clocks(pipe_rows[CLOCKS])
+    if model_level:
+        if REFERENCES in pipe_rows:
+            pipeline.references.restore(pipe_rows[REFERENCES])
+        _add_references(store, pipeline)  # after the builders: a stored reference ends one
     for det in pipeline.detectors:
         _restore(det, by_det.get(det.name, []), pipeline.keyspace)
     return len(result)
+
+
+def _add_references(store: Store, pipeline: Pipeline) -> None:
+    for ref in load_references(store):
+        pipeline.references.add(ref)
+
+
+def _restore_keys(rows: list[tuple[str, int, str, bytes]], keyspace: KeySpace) -> None:
+    """Saved keys back into the key map with their last-seen times (``_key_rows``)."""
+    by_type: dict[str, list[tuple[str, int, str, bytes]]] = defaultdict(list)
+    for row in rows:
+        by_type[row[0]].append(row)
+    for et, items in by_type.items():
+        seen = np.frombuffer(b"".join(d for *_, d in items), np.int64)
+        keyspace[et].restore_seen([k for _, _, k, _ in items], [p for _, p, _, _ in items], seen)
 
 
 def load_blob(store: Store, name: str) -> bytes | None:
@@ -291,8 +350,11 @@ def _text(value: bytes | str) -> str:
 
 
 def load_references(store: Store) -> list[Reference]:
+    """The reference in force per (model, model_version): an operator's (``reference set``)
+    over the worker's automatic one whatever their ``seq``, then the newest."""
     rows = store.query(
-        "SELECT argMax(data, seq) FROM model_references GROUP BY model_id, model_version",
+        f"SELECT argMax(data, {REFERENCE_PRECEDENCE}) FROM model_references "
+        "GROUP BY model_id, model_version",
         binary=True,
     ).result_rows
     return [Reference.from_bytes(bytes(r[0])) for r in rows]

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
 from detectors.base import (
     AlertChange,
@@ -64,6 +65,16 @@ class Watermark:
         if active:
             self.value = max(self.value, min(active) - self.lateness_ms)
         return self.value
+
+    def restore(self, max_ts: dict[int, int]) -> None:
+        """Saved latest event times per partition (a checkpoint's positions): the watermark is
+        where it stood when they were saved (for a file, exactly; for Kafka, as if every
+        partition were active), not back at the start of time."""
+        for p, ts in max_ts.items():
+            self.max_ts[p] = max(self.max_ts.get(p, INT64_MIN), ts)
+        known = [ts for ts in self.max_ts.values() if ts != INT64_MIN]
+        if known:
+            self.value = max(self.value, min(known) - self.lateness_ms)
 
     def forget(self, partitions: set[int]) -> None:
         for p in partitions:
@@ -197,10 +208,20 @@ class Pipeline:
                 if et in det.entity_types:
                     det.evict(et, slots)
 
-    def settle_keys(self) -> None:
-        """After a restore: restored keys count as seen at their partition's latest event."""
+    def settle(self, max_ts: dict[int, int]) -> None:
+        """After a restore from a checkpoint whose positions saved ``max_ts`` (partition ->
+        latest event time): the watermark moves back to where it was, and restored keys saved
+        without a last-seen time count as seen at their partition's latest event."""
+        self.watermark.restore(max_ts)
         for keys in self.keyspace.maps.values():
             keys.settle(self.watermark.max_ts)
+
+    def clocks(self) -> bytes:
+        """Event-time bookkeeping outside the detectors, saved with each checkpoint."""
+        return orjson.dumps({"last_eviction_ms": self._last_eviction_ms})
+
+    def restore_clocks(self, blob: bytes) -> None:
+        self._last_eviction_ms = int(orjson.loads(blob)["last_eviction_ms"])
 
     def drop_partitions(self, partitions: set[int]) -> None:
         for et in self.entity_types:

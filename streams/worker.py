@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import orjson
 import pyarrow as pa
 
 from detectors.base import Detector
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from streams.api import ApiServer
 
 LIFECYCLE = "_lifecycle"  # name of the lifecycle's saved state
+LIFECYCLE_CLOCK = "_lifecycle_clock"  # and of its clock, which only moves forward
 INT64_MIN = -(2**63)
 END_OF_SOURCE_HORIZON_MS = 6 * 3_600_000  # how far event time moves on at the end of a file
 __all__ = ["FAULT_ENV", "Counters", "Worker", "WorkerSettings"]
@@ -166,22 +168,24 @@ class Worker:
             set_rebalance(self.on_revoke, self.on_assign)
 
     def _restore(self) -> None:
-        if getattr(self.source, "rebalances", False):
-            # model-level state now; keyed state arrives with each partition assignment
-            checkpoint.load(self.store, self.pipeline, set())
-            blob = checkpoint.load_blob(self.store, LIFECYCLE)
-            if blob is not None:
-                self.lifecycle.restore(blob)
-            return
-        saved = checkpoint.positions(self.store, self.source.name)
-        checkpoint.load(self.store, self.pipeline, None)
+        """Everything the last committed checkpoint saved, for a file and for Kafka alike:
+        detector state, the key map with each key's last-seen time, the watermark, the
+        pipeline's and the lifecycle's clocks, open groups and incidents. A Kafka source gets
+        model-level state here and keyed state with each partition assignment (``on_assign``)."""
+        rebalances = getattr(self.source, "rebalances", False)
+        checkpoint.load(self.store, self.pipeline, set() if rebalances else None)
         blob = checkpoint.load_blob(self.store, LIFECYCLE)
         if blob is not None:
             self.lifecycle.restore(blob)
+        clock = checkpoint.load_blob(self.store, LIFECYCLE_CLOCK)
+        if clock is not None:
+            self._clock_ms = int(orjson.loads(clock))
+        if rebalances:
+            return
+        saved = checkpoint.positions(self.store, self.source.name)
+        self.pipeline.settle({p: max_ts for p, (_, max_ts) in saved.items()})
         if saved:
             self.next_offsets = {p: off for p, (off, _) in saved.items()}
-            for p, (_, max_ts) in saved.items():
-                self.pipeline.watermark.max_ts[p] = max_ts
             self.source.seek(self.next_offsets)
 
     def on_revoke(self, partitions: set[int]) -> None:
@@ -206,10 +210,7 @@ class Worker:
         checkpoint.load(self.store, self.pipeline, partitions, model_level=False)
         saved = checkpoint.positions(self.store, self.source.name)
         out = {p: saved[p][0] for p in partitions if p in saved}
-        for p in partitions:
-            if p in saved:
-                self.pipeline.watermark.max_ts[p] = saved[p][1]
-        self.pipeline.settle_keys()
+        self.pipeline.settle({p: saved[p][1] for p in partitions if p in saved})
         self.next_offsets.update(out)
         return out
 
@@ -405,9 +406,13 @@ class Worker:
         self._check_health()
         notes = self._lifecycle()
         rows = self.buffers.take()
+        blobs = {
+            LIFECYCLE: self.lifecycle.state_bytes(),
+            LIFECYCLE_CLOCK: orjson.dumps(self._clock_ms),
+        }
         prepared = checkpoint.prepare(
             self.store, self.pipeline, self.source.name, dict(self.next_offsets),
-            self.buffers.references, {LIFECYCLE: self.lifecycle.state_bytes()},
+            self.buffers.references, blobs,
         )  # fmt: skip
         self.buffers.references = []
         dlq, self._dlq = self._dlq, []
