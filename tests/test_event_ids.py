@@ -235,7 +235,7 @@ def test_an_existing_store_upgrades_and_its_old_events_are_not_conflicts(tmp_pat
     )
     client.close()
     with Store(f"chdb:{store_dir}") as store:
-        assert store.applied == ["0006_fingerprints.sql"]
+        assert store.applied == ["0006_fingerprints.sql", "0007_reference_precedence.sql"]
         create = store.query("SHOW CREATE TABLE events").result_rows[0][0]
         assert "ORDER BY (model_id, event_id, fingerprint)" in create
         assert "TTL" in store.query("SHOW CREATE TABLE dead_letters").result_rows[0][0]

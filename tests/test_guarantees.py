@@ -148,11 +148,12 @@ class Outcome:
     rows: dict[str, tuple[int, int]]  # table -> (physical rows, rows through FINAL)
 
 
-def outcome(store: Store, skip: str = "") -> Outcome:
-    """The run's outcome, without the detectors whose names start with ``skip`` (if given)."""
+def outcome(store: Store, skip: tuple[str, ...] = ()) -> Outcome:
+    """The run's outcome, without the detectors whose names start with one of ``skip``."""
 
     def rows(sql: str) -> list[Any]:
-        keep = f"WHERE NOT startsWith(detector, '{skip}')" if skip else ""
+        keep = " AND ".join(f"NOT startsWith(detector, '{s}')" for s in skip)
+        keep = f"WHERE {keep}" if keep else ""
         return list(store.query(sql.format(keep=keep)).result_rows)
 
     tables = ("events", "incidents", "outbox", *DECISIONS)
@@ -376,11 +377,15 @@ def test_kafka_worker_killed_at_every_kill_point_ends_as_an_uninterrupted_run(
             proc.kill()
 
     # Drift compares against a reference built from each model's first 2,000 events in arrival
-    # order, and two Kafka runs interleave partitions differently, so even two uninterrupted
-    # runs differ there; the file test compares drift.
+    # order, and rate spikes of keys without a history against the model's range of every key
+    # and the watermark (the minimum over partitions); two Kafka runs interleave partitions
+    # differently, so even two uninterrupted runs of this 4-partition topic differ there (one
+    # in four did on 2 busy cores). The file test compares both at every kill point; here the
+    # spike cut by a crash is checked on its own below.
+    skip = ("drift.", "abuse.rate_spike")
     with Store(f"chdb:{store_dir}") as store:
         stored_once(store, [*lines, *ends])
-        crashed = outcome(store, skip="drift.")
+        crashed = outcome(store, skip)
         outbox = store.query(
             "SELECT alert_id, status, argMax(delivered, version) FROM outbox "
             "GROUP BY alert_id, status, route"
@@ -392,7 +397,7 @@ def test_kafka_worker_killed_at_every_kill_point_ends_as_an_uninterrupted_run(
         ).result_rows
     with Store(f"chdb:{tmp_path / 'clean'}") as store:
         kafka_to_end(store, cluster, topic, "crash-clean")
-        clean = outcome(store, skip="drift.")
+        clean = outcome(store, skip)
     # the lifecycle runs on the wall clock for Kafka: incidents depend on when checkpoints ran
     assert_same_outcome(crashed, clean, incidents=False)
     physical, final = crashed.rows["events"]

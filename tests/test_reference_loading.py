@@ -45,7 +45,7 @@ def live_events(path: Path, n: int, mean: float, seed: int) -> None:
             "model_version": "1",
             "api_key_id": f"k{int(rng.integers(100))}",
             "input": {"features": {"x": row["x"]}},
-            "output": {"scores": {"no": row["score:no"], "yes": row["score:yes"]}},
+            "output": {"scores": {"no": float(row["score:no"]), "yes": float(row["score:yes"])}},
         }
         lines.append(orjson.dumps(event))
     path.write_bytes(b"\n".join(lines) + b"\n")
