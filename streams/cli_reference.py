@@ -201,7 +201,7 @@ def build_reference(rows: list[dict[str, Any]], model: str, version: str, index:
         first = decoded.rejects[0]
         raise ValueError(f"{len(decoded.rejects)} rows rejected, first: {first}")
     index = index if index is not None else FeatureIndex()
-    store = ReferenceStore(n_events=len(rows), max_caller_share=1.0, seen_limit_factor=1)
+    store = ReferenceStore(n_events=len(rows), max_caller_share=1.0)
     frozen = store.update(decoded.batch, route(decoded.batch, index))
     if len(frozen) != 1:
         raise ValueError(f"expected one reference from {len(rows)} rows, built {len(frozen)}")
