@@ -60,7 +60,7 @@ def water_level(counts: I64, n_events: int) -> int:
     the counts do not reach ``n_events`` (everything is kept).
 
     >>> water_level(np.array([1500, 300, 200]), 1000)
-    400
+    500
     >>> water_level(np.array([10, 5]), 100)
     10
     """

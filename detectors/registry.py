@@ -27,6 +27,7 @@ def register(name: str) -> Callable[[type[Any]], type[Any]]:
 
 def _load_builtin() -> None:
     # Importing the modules registers them; one public detector per module.
+    import detectors.detection_blind
     import detectors.drift
     import detectors.extraction
     import detectors.privacy_probing

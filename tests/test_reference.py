@@ -486,3 +486,14 @@ def test_reference_pool_matches_a_row_at_a_time_reference(
     (ref,) = refs
     assert ref.sample_features[:, 0].astype(int).tolist() == want
     assert ref.events_seen == ref.last_ts_ms + 1
+
+
+def test_reference_of_values_at_the_ends_of_float_range_builds_without_overflow() -> None:
+    # found by the fuzzer once references built early: interpolating between -1e308 and 1e308
+    n = 60
+    values = np.where(np.arange(n) % 2 == 0, -1e308, 1e308)
+    (ref,) = feed(
+        ReferenceStore(n_events=n), [events(np.arange(n), KEYS_50 + KEYS_50[:10], values=values)]
+    )
+    assert np.isfinite(ref.channel_edges[0][np.isfinite(ref.channel_edges[0])]).all()
+    assert ref.channel_counts.sum() == n
