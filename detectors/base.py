@@ -27,6 +27,7 @@ from schemas.batch import EventBatch
 
 if TYPE_CHECKING:
     from detectors.reference import Reference
+    from detectors.reference_store import Building
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
@@ -85,6 +86,12 @@ class DetectorInput:
     watermark_ms: int  # the worker's watermark before this batch
     views: Mapping[str, ModelView] = field(default_factory=dict)  # per model, stable columns
     references: Mapping[tuple[str, str], Reference] = field(default_factory=dict)
+    # versions without a reference yet: the rows so far (good for a scale, not for
+    # distributions), and how far each build is
+    provisional: Mapping[tuple[str, str], Reference] = field(default_factory=dict)
+    building: Mapping[tuple[str, str], Building] = field(default_factory=dict)
+    # (name, what is off without a reference) of the pipeline's detectors that need one
+    reference_users: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

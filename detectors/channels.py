@@ -149,7 +149,13 @@ class Channels:
 def quantile_edges(values: F64, bins: int) -> F64:
     if values.size == 0:
         return np.zeros(0)
-    return np.unique(np.quantile(values, np.linspace(0.0, 1.0, bins + 1)[1:-1]))
+    probs = np.linspace(0.0, 1.0, bins + 1)[1:-1]
+    with np.errstate(over="ignore", invalid="ignore"):  # between -1e308 and 1e308
+        edges = np.quantile(values, probs)
+    bad = ~np.isfinite(edges)
+    if bad.any():  # the interpolation overflowed: the lower of the two values instead
+        edges[bad] = np.quantile(values, probs[bad], method="lower")
+    return np.unique(edges)
 
 
 def _channel_names(

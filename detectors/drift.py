@@ -49,7 +49,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -101,6 +101,9 @@ class FeatureDrift(DetectorBase):
     name = "drift.features"
     version = "1"
     entity_types = ()
+    without_reference: ClassVar[str] = (
+        "off: feature, prediction and confidence drift are measured against the reference"
+    )
 
     def __init__(
         self,

@@ -154,6 +154,11 @@ class QueryPattern(DetectorBase):
     # not sessions: a session is a slice of one key's traffic in our sources, and its state
     # would grow with session churn rather than with callers
     entity_types: ClassVar[tuple[str, ...]] = ("api_key", "client_ip")
+    without_reference: ClassVar[str] = (
+        "partly off: off-manifold queries, boundary coverage and PRADA need the reference; "
+        "near-duplicate probing, lattice probing and exact repeats run on the rows so far "
+        "once 256 are in"
+    )
 
     def __init__(
         self,

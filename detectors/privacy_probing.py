@@ -118,6 +118,10 @@ class QueryProbing(DetectorBase):
     atlas: ClassVar[tuple[str, ...]] = (MEMBERSHIP, INVERSION)
     owasp: ClassVar[tuple[str, ...]] = ("ML04", "ML03")
     entity_types: ClassVar[tuple[str, ...]] = ("api_key",)
+    without_reference: ClassVar[str] = (
+        "partly off: perturbation clusters, perturbed records and confidence harvesting need "
+        "the reference (on the manifold); hill-climbing runs on the rows so far once 256 are in"
+    )
 
     def __init__(
         self,

@@ -138,10 +138,15 @@ class Scaler:
     @classmethod
     def of(cls, sketch: ModelSketch, ref: Reference) -> Scaler:
         x = np.asarray(ref.sample_features, np.float64)
+        d = x.shape[1]
+        med, q25, q75, sd = np.zeros(d), np.zeros(d), np.zeros(d), np.zeros(d)
+        seen = ~np.isnan(x).all(axis=0)  # a column no reference row has: centre 0, scale 1
         with np.errstate(all="ignore"):
-            med = np.nan_to_num(np.nanmedian(x, axis=0))
-            q25, q75 = np.nan_to_num(np.nanquantile(x, [0.25, 0.75], axis=0))
-            sd = np.nan_to_num(np.nanstd(x, axis=0))
+            y = x[:, seen]
+            med[seen] = np.nan_to_num(np.nanmedian(y, axis=0))
+            lo_hi = np.nan_to_num(np.nanquantile(y, [0.25, 0.75], axis=0))
+            q25[seen], q75[seen] = lo_hi[0], lo_hi[1]
+            sd[seen] = np.nan_to_num(np.nanstd(y, axis=0))
         scale = np.where(q75 > q25, (q75 - q25) / 1.349, np.where(sd > 0, sd, 1.0))
         return cls(med, 1.0 / scale, sketch.projection * Q_SCALE)
 
@@ -220,6 +225,8 @@ def batch_geometry(
         one = versions.size > 0 and bool((versions == versions[0]).all())
         for version in [str(versions[0])] if one else np.unique(versions.astype(str)).tolist():
             ref = batch.references.get((model, version))
+            partial = ref is None  # before the reference: the rows so far give only a scale
+            ref = batch.provisional.get((model, version)) if ref is None else ref
             cal = calibration_of((model, version), ref) if ref is not None else None
             if cal is None:
                 continue
@@ -245,5 +252,6 @@ def batch_geometry(
             if rows.size > 1 and bool((rows[1:] < rows[:-1]).any()):
                 order = np.argsort(rows)
                 rows, x = rows[order], x[order]
-            g.blocks.append((rows, x, sk))
+            if not partial:  # no manifold before the reference: nothing is "on" it
+                g.blocks.append((rows, x, sk))
     return g

@@ -73,7 +73,7 @@ Output(findings=(), alerts=(), metrics=())
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import orjson
@@ -119,6 +119,7 @@ class PSI(DetectorBase):
     atlas = ()
     owasp = ()
     entity_types = ()
+    without_reference: ClassVar[str] = "off: prediction PSI is measured against the reference"
 
     def __init__(
         self,

@@ -339,6 +339,8 @@ def batch_queries(
         versions = ev.model_version[view.rows]
         for version in sorted(set(versions.tolist())):
             ref = batch.references.get((model, version))
+            partial = ref is None  # before the reference: the rows so far give only a scale
+            ref = batch.provisional.get((model, version)) if ref is None else ref
             if ref is None:
                 continue
             sk = sketch_of((model, version), ref)
@@ -361,4 +363,7 @@ def batch_queries(
             out.near[rows], out.prada[rows] = sk.near_radius, sk.prada_z
             prior = sk.class_prior[sk.class_prior > 0]
             out.h_prior[rows] = float(-(prior * np.log2(prior)).sum())
+            if partial:  # distributions of a reference still building are not a yardstick
+                out.off[rows] = out.low[rows] = False
+                out.bucket[rows], out.prada[rows] = -1, np.inf
     return out

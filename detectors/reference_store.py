@@ -1,24 +1,27 @@
 """Builders of references: :class:`ReferenceStore` freezes one :class:`Reference` per
 (model, model_version) from its first successful events (see :mod:`detectors.reference`).
 
-**Poisoning defence.** An attacker who floods a new model version can try to make its reference
-look like their traffic. No caller (``api_key_id``) may contribute more than
-``cap = floor(max_caller_share * n_events)`` events (100 of 2,000 by default); a caller's later
-events are skipped, not counted. A builder freezes at whichever comes first:
-
-- ``n_events`` accepted events (``complete=True``), or
-- ``seen_limit_factor * n_events`` events seen, accepted or skipped (``complete=False``): with
-  fewer than ``1 / max_caller_share`` callers the reference could otherwise never fill. It then
-  holds what it has, and ``capped_callers`` names the callers that hit the cap, so an operator
-  can judge it and replace it (:meth:`ReferenceStore.add`).
+**Poisoning defence, for any number of callers** (:mod:`detectors.reference_pool`, argued in
+``docs/references.md``): the reference's ``n_events`` rows are split max-min fairly across
+callers (``api_key_id``), each caller's rows a uniform sample of its events, and no caller may
+hold more than a share that depends on how many callers were seen (all of it alone, at most half
+with two, ``1 / sqrt(C)`` beyond four, never below ``max_caller_share``). A model with one caller
+gets a reference after exactly ``n_events`` events; callers of similar volume too. A flooding
+caller among slow ones waits for the others: there is no limit of events seen at which the
+builder gives way. While a version builds, :meth:`ReferenceStore.building` says how far it is
+and who is capped (``inferwatch reference list``, ``pipeline.detection_blind``), and
+:meth:`ReferenceStore.provisional` offers the rows so far for the signals that need only a
+scale (near-duplicate and lattice probing), never for distributions.
 
 Determinism: the same events in the same order give the same reference bytes, however they are
-split into batches (feature and label columns are trimmed to those the accepted rows use).
+split into batches (feature and label columns are trimmed to those the kept rows use).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,6 +36,14 @@ from detectors.channels import (
     quantile_edges,
 )
 from detectors.reference import Reference, npz_bytes, npz_load
+from detectors.reference_pool import (
+    cap_events,
+    freeze_point,
+    quotas,
+    row_hash,
+    share_cap,
+    water_level,
+)
 from detectors.routing import ModelView
 from schemas.batch import EventBatch
 
@@ -41,6 +52,9 @@ I64 = npt.NDArray[np.int64]
 StrArray = npt.NDArray[np.object_]
 
 _NO_TS = -(2**63)
+SNAPSHOT_FORMAT = 2  # 1: first events per caller under a fixed cap, without caller per row
+PROVISIONAL_MIN = 256  # pool rows before a provisional reference is offered
+_ROWS = ("features", "scores", "labels", "values", "ts_ms", "caller", "hash", "seq")
 
 
 def _used_width(m: F64) -> int:
@@ -54,8 +68,37 @@ def _histogram(values: F64, edges: F64) -> I64:
     return np.bincount(bins, minlength=edges.size + 1).astype(np.int64)
 
 
+@dataclass(frozen=True, slots=True)
+class Building:
+    """A (model, version) whose reference is still being built."""
+
+    model_id: str
+    model_version: str
+    n: int  # events the reference would hold now: the fair split under the share cap
+    target: int  # events it freezes on
+    callers: int
+    capped: tuple[tuple[str, int], ...]  # callers over the cap (events seen), largest first
+    seen: int
+    first_ts_ms: int
+    last_ts_ms: int
+    largest_share: float  # the largest caller's share of the events seen
+    allowed_share: float  # the share one caller may hold with this many callers
+
+    @property
+    def reason(self) -> str:
+        """Why it has not frozen yet, in one line."""
+        if not self.capped:
+            return f"{self.n:,} of {self.target:,} events so far"
+        who = ", ".join(name for name, _ in self.capped[:3])
+        return (
+            f"{self.n:,} of {self.target:,}: {who} sent {self.largest_share:.0%} of the "
+            f"{self.seen:,} events, at most {self.allowed_share:.0%} may come from one caller "
+            f"of {self.callers}; waiting for the other callers' events"
+        )
+
+
 class _Builder:
-    """Accepted rows of one (model, version) so far: at most ``n_events`` of them."""
+    """The pool of one (model, version): its rows and, per caller, the events seen."""
 
     def __init__(self) -> None:
         self.feature_names: tuple[str, ...] = ()
@@ -66,11 +109,21 @@ class _Builder:
         self.labels = np.zeros(0, "<U1")
         self.values = np.zeros(0)
         self.ts_ms = np.zeros(0, np.int64)
+        self.caller = np.zeros(0, np.int64)  # index into names
+        self.hash = np.zeros(0, np.uint32)
+        self.seq = np.zeros(0, np.int64)  # arrival number in this builder
+        self.names: list[str] = []  # callers in the order they were first seen
+        self.index: dict[str, int] = {}
+        self.counts = np.zeros(0, np.int64)  # events seen per caller
         self.seen = 0
+        self.first_ts_ms = _NO_TS
         self.max_ts_ms = _NO_TS
-        self.callers: dict[str, int] = {}
+        self.provisional: Reference | None = None  # not saved: rebuilt from the pool
 
-    def append(self, view: ModelView, at: I64, labels: StrArray, values: F64, ts: I64) -> None:
+    def append(
+        self, view: ModelView, at: I64, labels: StrArray, values: F64, ts: I64, caller: I64,
+        hashes: npt.NDArray[np.uint32],
+    ) -> None:  # fmt: skip
         self.feature_names, self.categorical = view.feature_names, view.categorical
         self.score_labels = view.score_labels
         self.features = _stack(self.features, view.features[at])
@@ -78,6 +131,22 @@ class _Builder:
         self.labels = np.concatenate([self.labels, labels.astype(str)])
         self.values = np.concatenate([self.values, values])
         self.ts_ms = np.concatenate([self.ts_ms, ts])
+        self.caller = np.concatenate([self.caller, caller])
+        self.hash = np.concatenate([self.hash, hashes])
+        self.seq = np.concatenate([self.seq, self.seen + np.arange(at.size, dtype=np.int64)])
+
+    def keep(self, quota: I64) -> npt.NDArray[np.bool_]:
+        """Rows within each caller's ``quota``, the smallest hashes first (a uniform sample of
+        the caller's events); keeps them and returns the mask."""
+        order = np.lexsort((self.seq, self.hash, self.caller))
+        grouped = self.caller[order]
+        rank = np.empty(order.size, np.int64)
+        rank[order] = np.arange(order.size) - np.searchsorted(grouped, grouped, side="left")
+        mask = rank < quota[self.caller]
+        if not mask.all():
+            for name in _ROWS:
+                setattr(self, name, getattr(self, name)[mask])
+        return mask
 
 
 def _stack(old: F64, new: F64) -> F64:
@@ -92,8 +161,8 @@ class ReferenceStore:
     """Builds one reference per (model, model_version) from its first events (module doc).
 
     >>> store = ReferenceStore(n_events=2000)
-    >>> store.cap, store.seen_limit
-    (100, 10000)
+    >>> [store.cap(c) for c in (1, 2, 6, 20, 400)]
+    [2000, 1000, 816, 447, 100]
     """
 
     def __init__(
@@ -103,12 +172,11 @@ class ReferenceStore:
         sample_size: int = 2000,
         bins: int = 10,
         score_types: Mapping[str, str] | None = None,
-        seen_limit_factor: int = 5,
     ) -> None:
-        if n_events < 1 or bins < 1 or sample_size < 0 or seen_limit_factor < 1:
+        if n_events < 1 or bins < 1 or sample_size < 0:
             raise ValueError(
-                "expected n_events >= 1, bins >= 1, sample_size >= 0, seen_limit_factor >= 1; "
-                f"found {n_events}, {bins}, {sample_size}, {seen_limit_factor}"
+                "expected n_events >= 1, bins >= 1, sample_size >= 0; "
+                f"found {n_events}, {bins}, {sample_size}"
             )
         if not 0.0 < max_caller_share <= 1.0:
             raise ValueError(f"max_caller_share must be in (0, 1], found {max_caller_share}")
@@ -120,17 +188,42 @@ class ReferenceStore:
         self.sample_size = sample_size
         self.bins = bins
         self.score_types = dict(score_types or {})
-        self.seen_limit_factor = seen_limit_factor
-        self.cap = max(1, int(max_caller_share * n_events + 1e-9))
-        self.seen_limit = seen_limit_factor * n_events
         self._frozen: dict[tuple[str, str], Reference] = {}
         self._builders: dict[tuple[str, str], _Builder] = {}
+
+    def cap(self, callers: int) -> int:
+        """Events of one caller a reference may hold when ``callers`` were seen."""
+        return cap_events(callers, self.max_caller_share, self.n_events)
 
     def get(self, model_id: str, model_version: str) -> Reference | None:
         return self._frozen.get((model_id, model_version))
 
     def frozen(self) -> dict[tuple[str, str], Reference]:
         return dict(self._frozen)
+
+    def provisional(self) -> dict[tuple[str, str], Reference]:
+        """Unfrozen versions with at least ``PROVISIONAL_MIN`` rows: a reference of the rows so
+        far (``complete=False``), rebuilt each time the pool doubles. Good for a scale (the
+        distance between two natural queries), not for distributions."""
+        return {k: b.provisional for k, b in self._builders.items() if b.provisional is not None}
+
+    def building(self) -> dict[tuple[str, str], Building]:
+        """Every unfrozen version: how far it is and why it has not frozen."""
+        out = {}
+        for key, b in sorted(self._builders.items()):
+            callers = int(np.count_nonzero(b.counts))
+            cap = self.cap(callers)
+            over = np.flatnonzero(b.counts > cap)
+            over = over[np.argsort(-b.counts[over], kind="stable")]
+            total = max(int(b.counts.sum()), 1)
+            out[key] = Building(
+                key[0], key[1], min(self.n_events, int(np.minimum(b.counts, cap).sum())),
+                self.n_events, callers, tuple((b.names[i], int(b.counts[i])) for i in over[:5]),
+                b.seen, b.first_ts_ms, b.max_ts_ms,
+                float(b.counts.max()) / total if b.counts.size else 0.0,
+                share_cap(callers, self.max_caller_share),
+            )  # fmt: skip
+        return out
 
     def add(self, reference: Reference) -> None:
         """Use ``reference`` (loaded from the store, or set by an operator) for its version."""
@@ -154,40 +247,61 @@ class ReferenceStore:
                     continue
                 builder = self._builders.setdefault(key, _Builder())
                 if self._feed(builder, batch, view, at):
-                    reference = self._freeze(key, self._builders.pop(key))
+                    reference = self._final(key, self._builders.pop(key))
                     self._frozen[key] = reference
                     out.append(reference)
+                else:
+                    self._offer_provisional(key, builder)
         return out
 
-    def _feed(self, b: _Builder, batch: EventBatch, view: ModelView, at: I64) -> bool:
-        """Accept events of ``view`` rows ``at`` under the per-caller cap; True if it froze."""
-        rows = view.rows[at]
-        n = rows.size
-        callers, inverse = np.unique(batch.api_key_id[rows].astype(str), return_inverse=True)
-        names = callers.tolist()
-        prior = np.fromiter((b.callers.get(c, 0) for c in names), np.int64, len(names))
-        order = np.argsort(inverse, kind="stable")
-        grouped = inverse[order]
-        rank = np.empty(n, np.int64)  # how many earlier events of the same caller in this batch
-        rank[order] = np.arange(n) - np.searchsorted(grouped, grouped, side="left")
-        accept = prior[inverse] + rank < self.cap
-        accepted = b.ts_ms.size + np.cumsum(accept)
-        seen = b.seen + np.arange(1, n + 1)
-        done = np.flatnonzero((accepted >= self.n_events) | (seen >= self.seen_limit))
-        stop = int(done[0]) + 1 if done.size else n
-        take = np.flatnonzero(accept[:stop])
-        ts = batch.ts_ms[rows]
-        b.seen += stop
-        b.max_ts_ms = max(b.max_ts_ms, int(ts[:stop].max()))
-        added = np.bincount(inverse[take], minlength=len(names))
-        for i in np.flatnonzero(added).tolist():
-            b.callers[names[i]] = int(prior[i] + added[i])
-        b.append(
-            view, at[take], batch.output_label[rows[take]], batch.output_value[rows[take]], ts[take]
-        )
-        return bool(done.size)
+    def _offer_provisional(self, key: tuple[str, str], b: _Builder) -> None:
+        last = b.provisional.n_events if b.provisional is not None else 0
+        if b.ts_ms.size >= max(PROVISIONAL_MIN, 2 * last):
+            b.provisional = self._build(key, b, complete=False)
 
-    def _freeze(self, key: tuple[str, str], b: _Builder) -> Reference:
+    def _feed(self, b: _Builder, batch: EventBatch, view: ModelView, at: I64) -> bool:
+        """Offer the events of ``view`` rows ``at`` to the pool; True if it froze."""
+        rows = view.rows[at]
+        ids = batch.api_key_id[rows].astype(str)
+        uniq, first, inverse = np.unique(ids, return_index=True, return_inverse=True)
+        for name in uniq[np.argsort(first, kind="stable")].tolist():
+            if name not in b.index:
+                b.index[name] = len(b.names)
+                b.names.append(name)
+        caller = np.array([b.index[u] for u in uniq.tolist()], np.int64)[inverse]
+        prior = np.zeros(len(b.names), np.int64)
+        prior[: b.counts.size] = b.counts
+        callers_before = int(np.count_nonzero(prior))
+        k = freeze_point(prior, caller, self.n_events, self.max_caller_share, callers_before)
+        stop = rows.size if k is None else k + 1
+        take = rows[:stop]
+        ts = batch.ts_ms[take]
+        b.append(
+            view, at[:stop], batch.output_label[take], batch.output_value[take], ts,
+            caller[:stop], row_hash(batch.event_id[take]),
+        )  # fmt: skip
+        b.counts = prior + np.bincount(caller[:stop], minlength=prior.size)
+        b.seen += stop
+        b.max_ts_ms = max(b.max_ts_ms, int(ts.max()))
+        low = int(ts.min())
+        b.first_ts_ms = low if b.first_ts_ms == _NO_TS else min(b.first_ts_ms, low)
+        if k is None and int(b.counts.sum()) > self.n_events:
+            b.keep(np.minimum(b.counts, water_level(b.counts, self.n_events)))
+        return k is not None
+
+    def _final(self, key: tuple[str, str], b: _Builder) -> Reference:
+        q = quotas(b.counts, self.n_events)
+        b.keep(q)
+        ref = self._build(key, b, complete=True)
+        trimmed = sorted(b.names[i] for i in np.flatnonzero(q < b.counts).tolist())
+        return dataclasses.replace(
+            ref,
+            callers=int(np.count_nonzero(q)),
+            max_caller_events=int(q.max()),
+            capped_callers=tuple(trimmed),
+        )
+
+    def _build(self, key: tuple[str, str], b: _Builder, complete: bool) -> Reference:
         width = _used_width(b.features)
         features = b.features[:, :width]
         n_labels = _used_width(b.scores)
@@ -202,13 +316,13 @@ class ReferenceStore:
         )
         n = b.ts_ms.size
         sample = (np.arange(min(self.sample_size, n)) * n) // max(min(self.sample_size, n), 1)
-        per_caller = list(b.callers.values())
+        per_caller = np.bincount(b.caller, minlength=len(b.names))
         return Reference(
             model_id=key[0],
             model_version=key[1],
             n_events=n,
             events_seen=b.seen,
-            complete=n >= self.n_events,
+            complete=complete,
             score_type=score_type,
             score_labels=labels,
             positive_label=positive,
@@ -227,9 +341,9 @@ class ReferenceStore:
             feature_codes=f_codes,
             feature_counts=f_counts,
             feature_missing=missing,
-            callers=len(per_caller),
-            max_caller_events=max(per_caller, default=0),
-            capped_callers=tuple(sorted(c for c, k in b.callers.items() if k >= self.cap)),
+            callers=int(np.count_nonzero(per_caller)),
+            max_caller_events=int(per_caller.max(initial=0)),
+            capped_callers=(),
             first_ts_ms=int(b.ts_ms.min()) if n else _NO_TS,
             last_ts_ms=b.max_ts_ms,
         )
@@ -257,7 +371,7 @@ class ReferenceStore:
         return tuple(edges), tuple(codes), tuple(counts), missing
 
     def snapshot(self) -> bytes:
-        """The in-progress builders (at most ``n_events`` rows each), deterministic bytes."""
+        """The in-progress builders (their pools), deterministic bytes."""
         builders: list[dict[str, Any]] = []
         arrays: dict[str, npt.NDArray[Any]] = {}
         for i, (key, b) in enumerate(sorted(self._builders.items())):
@@ -268,32 +382,59 @@ class ReferenceStore:
                     "categorical": b.categorical,
                     "score_labels": b.score_labels,
                     "seen": b.seen,
+                    "first_ts_ms": b.first_ts_ms,
                     "max_ts_ms": b.max_ts_ms,
-                    "callers": sorted(b.callers.items()),
+                    "names": b.names,
+                    "counts": b.counts.tolist(),
                 }
             )
-            for name in ("features", "scores", "labels", "values", "ts_ms"):
+            for name in _ROWS:
                 arrays[f"{i}.{name}"] = getattr(b, name)
-        meta = orjson.dumps({"format": 1, "builders": builders})
+        meta = orjson.dumps(
+            {
+                "format": SNAPSHOT_FORMAT,
+                "n_events": self.n_events,
+                "max_caller_share": self.max_caller_share,
+                "builders": builders,
+            }
+        )
         return npz_bytes({"meta": np.frombuffer(meta, np.uint8), **arrays})
 
     def restore(self, blob: bytes) -> None:
-        """Replace the in-progress builders with those of a :meth:`snapshot`."""
+        """Replace the in-progress builders with those of a :meth:`snapshot`. Builders saved in
+        format 1 (the fixed per-caller cap) cannot be converted: their versions start again."""
         arrays = npz_load(blob)
         meta = orjson.loads(arrays["meta"].tobytes())
-        if meta["format"] != 1:
-            raise ValueError("unknown reference-builder snapshot format; expected 1")
         self._builders = {}
+        if meta["format"] == 1:
+            return
+        if meta["format"] != SNAPSHOT_FORMAT:
+            raise ValueError(
+                f"unknown reference-builder snapshot format {meta['format']}; expected 1 or 2"
+            )
         for i, state in enumerate(meta["builders"]):
             b = _Builder()
             b.feature_names = tuple(state["feature_names"])
             b.categorical = tuple(state["categorical"])
             b.score_labels = tuple(state["score_labels"])
             b.seen, b.max_ts_ms = state["seen"], state["max_ts_ms"]
-            b.callers = {c: k for c, k in state["callers"]}
-            for name in ("features", "scores", "labels", "values", "ts_ms"):
+            b.first_ts_ms = state["first_ts_ms"]
+            b.names = list(state["names"])
+            b.index = {name: j for j, name in enumerate(b.names)}
+            b.counts = np.asarray(state["counts"], np.int64)
+            for name in _ROWS:
                 setattr(b, name, arrays[f"{i}.{name}"])
             self._builders[(state["key"][0], state["key"][1])] = b
+
+
+def building_of(blob: bytes) -> list[Building]:
+    """The builders' state in a saved :meth:`ReferenceStore.snapshot` (for ``reference list``)."""
+    meta = orjson.loads(npz_load(blob)["meta"].tobytes())
+    if meta["format"] != SNAPSHOT_FORMAT:
+        return []
+    store = ReferenceStore(meta["n_events"], meta["max_caller_share"])
+    store.restore(blob)
+    return list(store.building().values())
 
 
 _F32_MAX = float(np.finfo(np.float32).max)

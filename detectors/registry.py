@@ -21,6 +21,7 @@ from detectors.base import Detector
 # registry name -> "module:Class"; one public detector per module
 BUILTIN: dict[str, str] = {
     "abuse.rate_spike": "detectors.rate_spike:RateSpike",
+    "pipeline.detection_blind": "detectors.detection_blind:DetectionBlind",
     "drift.features": "detectors.drift:FeatureDrift",
     "drift.psi": "detectors.psi:PSI",
     "extraction.query_pattern": "detectors.extraction:QueryPattern",

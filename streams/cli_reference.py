@@ -1,7 +1,15 @@
-"""``inferwatch reference set``: replace a model version's reference with one built from a file.
+"""``inferwatch reference list|show|set``: each model version's reference, and replacing one.
 
+    inferwatch reference list [--format table|jsonl|csv] [--store ...]
+    inferwatch reference show --model M [--version V] [--format ...] [--store ...]
     inferwatch reference set --model M [--version V] --from FILE.csv|FILE.parquet [--store ...]
     inferwatch reference set --model M [--version V] --range FROM..TO [--store ...]
+
+``list`` gives every (model, version) its state: ``building`` (events of the target, callers,
+the callers over their share and why it has not frozen, as of the worker's last checkpoint) or
+``frozen`` with its source (``auto``, or ``operator`` for a file or range). ``show`` gives one
+model's versions with every field. Both go through the running worker's API when a worker owns
+the store, else open it.
 
 ``--range`` takes the version's successful events stored between two RFC 3339 times (``TO``
 excluded), in (``ts``, ``event_id``) order, at most 200,000 of them.
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import math
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -203,7 +212,7 @@ def build_reference(rows: list[dict[str, Any]], model: str, version: str, index:
         first = decoded.rejects[0]
         raise ValueError(f"{len(decoded.rejects)} rows rejected, first: {first}")
     index = index if index is not None else FeatureIndex()
-    store = ReferenceStore(n_events=len(rows), max_caller_share=1.0, seen_limit_factor=1)
+    store = ReferenceStore(n_events=len(rows), max_caller_share=1.0)
     frozen = store.update(decoded.batch, route(decoded.batch, index))
     if len(frozen) != 1:
         raise ValueError(f"expected one reference from {len(rows)} rows, built {len(frozen)}")
@@ -258,6 +267,83 @@ def write_reference(st: Any, reference: Any, source: str) -> int:
         ),
     )
     return seq
+
+
+class ListFormat(StrEnum):
+    table = "table"
+    jsonl = "jsonl"
+    csv = "csv"
+
+
+StoreOption = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        envvar="INFERWATCH_STORE",
+        help=f"chdb:DIR or http(s)://...; default store.dsn of the config, else {DEFAULT_STORE}.",
+    ),
+]
+LIST_COLUMNS = ["model_id", "model_version", "state", "source", "events", "callers"]
+
+
+def _shown(rows: list[dict[str, Any]], fmt: ListFormat) -> list[dict[str, Any]]:
+    """Rows as printed: the table gets "n of N" and the capped callers as text."""
+    if fmt is not ListFormat.table:
+        return rows
+    return [
+        {
+            **r,
+            "model_version": r["model_version"] or "-",
+            "source": r["source"] or "-",
+            "events": f"{r['events']:,} of {r['target']:,}",
+            "callers": f"{r['callers']}"
+            + (f" (capped: {', '.join(r['capped_callers'])})" if r["capped_callers"] else ""),
+        }
+        for r in rows
+    ]
+
+
+@app.command("list")
+def list_references(
+    store: StoreOption = None,
+    fmt: Annotated[ListFormat, typer.Option("--format")] = ListFormat.table,
+) -> None:
+    """Every (model, version): building (events of the target, callers, capped callers) or
+    frozen, and its source (auto or operator)."""
+    from streams.cli import _query
+    from streams.cli_output import Format, emit
+
+    rows = _query(store, "references")
+    emit(_shown(rows, fmt), Format(fmt.value), [*LIST_COLUMNS, "detail"])
+
+
+@app.command("show")
+def show_reference(
+    model: Annotated[str, typer.Option(help="model_id.")],
+    version: Annotated[str | None, typer.Option(help="model_version (default: all).")] = None,
+    store: StoreOption = None,
+    fmt: Annotated[ListFormat, typer.Option("--format")] = ListFormat.table,
+) -> None:
+    """One model's reference per version, every field."""
+    from streams.cli import _query
+    from streams.cli_output import Format, emit, text
+
+    rows = _query(store, "references", model=model, version=version)
+    if not rows:
+        known = sorted({r["model_id"] for r in _query(store, "references")})
+        _fail(
+            f"no reference or reference build for model {model!r}"
+            + (f" version {version!r}" if version is not None else "")
+            + f"; known: {', '.join(known) or '(none)'}"
+        )
+    if fmt is not ListFormat.table:
+        emit(rows, Format(fmt.value), list(rows[0]))
+        return
+    for row in rows:
+        width = max(len(k) for k in row)
+        for key, value in row.items():
+            typer.echo(f"{key:<{width}}  {text(value)}")
+        typer.echo("")
 
 
 @app.command("set")

@@ -126,6 +126,11 @@ class Pipeline:
         self.watermark = Watermark(lateness_ms, idle_partition_s)
         self.idle_key_ms = idle_key_ms
         self.entity_types = sorted({et for d in self.detectors for et in d.entity_types})
+        self.reference_users = tuple(
+            (d.name, str(getattr(d, "without_reference", "")))
+            for d in self.detectors
+            if getattr(d, "without_reference", "")
+        )
         self.late_events_total = 0
         self.evicted: dict[str, list[tuple[str, int]]] = {}
         self._last_eviction_ms = INT64_MIN
@@ -164,7 +169,11 @@ class Pipeline:
         views = route(batch, self.features)
         result.new_references = self.references.update(batch, views)
         t1 = time.perf_counter()
-        inp = DetectorInput(batch, slots, self.keyspace, before, views, self.references.frozen())
+        refs = self.references
+        inp = DetectorInput(
+            batch, slots, self.keyspace, before, views, refs.frozen(), refs.provisional(),
+            refs.building(), self.reference_users,
+        )  # fmt: skip
         watermark = self.watermark.observe(batch.partition, batch.ts_ms)
         for det in self.detectors:
             td = time.perf_counter()

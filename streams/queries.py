@@ -213,6 +213,61 @@ def iso_ms(ms: int) -> str:
     return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def references(
+    store: Store, model: str | None = None, version: str | None = None
+) -> list[dict[str, Any]]:
+    """Each (model, version)'s reference state: frozen (with its source: auto, or operator for
+    a file or a time range) from ``model_references``; building (events of the target,
+    callers, the callers over their share) from the builders the last checkpoint saved."""
+    from detectors.reference import Reference
+    from detectors.reference_store import building_of
+    from streams.checkpoint import REFERENCES, load_blob
+
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    blob = load_blob(store, REFERENCES)
+    for b in building_of(blob) if blob else []:
+        out[(b.model_id, b.model_version)] = {
+            "model_id": b.model_id, "model_version": b.model_version, "state": "building",
+            "source": "", "events": b.n, "target": b.target, "callers": b.callers,
+            "capped_callers": [name for name, _ in b.capped], "events_seen": b.seen,
+            "largest_share": round(b.largest_share, 4), "allowed_share": round(b.allowed_share, 4),
+            "first_event": _iso(b.first_ts_ms), "last_event": _iso(b.last_ts_ms),
+            "created_at": None, "detail": b.reason,
+        }  # fmt: skip
+    rows = store.query(
+        "SELECT model_id, model_version, argMax(source, seq), argMax(data, seq), "
+        "argMax(created_at, seq) FROM model_references GROUP BY model_id, model_version",
+        binary=True,
+    ).result_rows
+    for _, _, source, data, created in rows:
+        ref = Reference.from_bytes(bytes(data))
+        src = _text(source)
+        out[(ref.model_id, ref.model_version)] = {
+            "model_id": ref.model_id, "model_version": ref.model_version, "state": "frozen",
+            "source": "auto" if src == "auto" else f"operator ({src})", "events": ref.n_events,
+            "target": ref.n_events, "callers": ref.callers,
+            "capped_callers": list(ref.capped_callers), "events_seen": ref.events_seen,
+            "largest_share": round(ref.max_caller_events / max(ref.n_events, 1), 4),
+            "allowed_share": None, "first_event": _iso(ref.first_ts_ms),
+            "last_event": _iso(ref.last_ts_ms), "created_at": created,
+            "detail": f"score type {ref.score_type}, {len(ref.feature_names)} features, "
+            f"channels {', '.join(ref.channels) or '-'}",
+        }  # fmt: skip
+    return [
+        row
+        for key, row in sorted(out.items())
+        if (model is None or key[0] == model) and (version is None or key[1] == version)
+    ]
+
+
+def _iso(ms: int) -> str | None:
+    return None if ms == -(2**63) else iso_ms(ms)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 QUERIES = {
     "alerts": alerts,
     "findings": findings,
@@ -222,4 +277,5 @@ QUERIES = {
     "silences": silences,
     "allow_list": allow_list,
     "outbox": deliveries,
+    "references": references,
 }

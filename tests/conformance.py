@@ -195,6 +195,7 @@ class Runner:
     max_ts: int = np.iinfo(np.int64).min + LATENESS_MS
     log: list[tuple[EventBatch, Output]] = field(default_factory=list)
     references: Mapping[tuple[str, str], Reference] = field(default_factory=dict)
+    provisional: Mapping[tuple[str, str], Reference] = field(default_factory=dict)
 
     @property
     def watermark(self) -> int:
@@ -206,8 +207,9 @@ class Runner:
             for et in self.det.entity_types
         }
         return DetectorInput(
-            batch, slots, self.keyspace, self.watermark, route(batch, self.index), self.references
-        )
+            batch, slots, self.keyspace, self.watermark, route(batch, self.index),
+            self.references, self.provisional,
+        )  # fmt: skip
 
     def feed(self, batch: EventBatch, advance: bool = True) -> Output:
         out = self.det.update(self.inputs(batch))

@@ -24,6 +24,7 @@ from api_worker_process import SETTINGS, IdleSource
 from streams import analyst, records
 from streams.api import ApiServer
 from streams.api_client import API_FILE, ApiClient, ApiError, ApiInfo, read_api_file
+from streams.cli_reference import build_reference, write_reference
 from streams.store import Store, StoreLock
 from streams.worker import Worker
 
@@ -210,6 +211,8 @@ def test_cli_reads_through_the_api_while_a_worker_process_runs(tmp_path: Path) -
     store_dir = tmp_path / "store"
     with Store(f"chdb:{store_dir}") as store:
         seed(store)
+        rows = [{"x": float(i % 9), "score:yes": i / 100} for i in range(100)]
+        write_reference(store, build_reference(rows, "fraud-scorer", ""), "file")
     log = (tmp_path / "worker.log").open("wb")
     worker = subprocess.Popen(
         [sys.executable, "-m", "tests.api_worker_process", str(store_dir)],
@@ -226,6 +229,12 @@ def test_cli_reads_through_the_api_while_a_worker_process_runs(tmp_path: Path) -
         rows = [orjson.loads(line) for line in via_api.stdout.splitlines()]
         assert [r["alert_id"] for r in rows] == ["a2", "a1"]
         assert rows[1]["ts"] == "2026-01-01T00:21:00.123000+00:00"
+        refs = run_cli("reference", "list", "--format", "jsonl", "--store", f"chdb:{store_dir}")
+        assert refs.returncode == 0, refs.stderr
+        (ref,) = [orjson.loads(line) for line in refs.stdout.splitlines()]
+        assert (ref["model_id"], ref["state"], ref["source"]) == (
+            "fraud-scorer", "frozen", "operator (file)",
+        )  # fmt: skip
         bad = run_cli("findings", "--since", "yesterday", "--store", f"chdb:{store_dir}")
         assert bad.returncode == 2 and "--since 'yesterday'" in bad.stderr
         worker.send_signal(signal.SIGTERM)
@@ -239,6 +248,8 @@ def test_cli_reads_through_the_api_while_a_worker_process_runs(tmp_path: Path) -
     direct = run_cli("alerts", "--format", "jsonl", "--store", f"chdb:{store_dir}")
     assert direct.returncode == 0, direct.stderr
     assert direct.stdout == via_api.stdout
+    direct = run_cli("reference", "list", "--format", "jsonl", "--store", f"chdb:{store_dir}")
+    assert direct.returncode == 0 and direct.stdout == refs.stdout, direct.stderr
 
 
 def test_cli_fails_clearly_when_the_owner_has_no_reachable_api(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
+import pytest
 from typer.testing import CliRunner
 
 from streams.checkpoint import load_references
@@ -153,3 +154,68 @@ def test_reference_set_from_a_range_of_stored_events(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "no successful events" in res.output
     res = CliRunner().invoke(app, [*args, "--range", "yesterday"])
     assert res.exit_code == 2 and "expected FROM..TO" in res.output
+
+
+@pytest.mark.slow  # a worker over 6,000 events and five commands on chdb: about 7 s
+def test_reference_list_and_show_give_each_version_its_state(tmp_path: Path) -> None:
+    """A one-caller model has a reference (auto); a flooded one is building with its capped
+    caller; an operator's file reference says so; the worker raised the blind spot."""
+    import orjson
+
+    from detectors.detection_blind import DetectionBlind
+    from detectors.psi import PSI
+    from streams.sources import FileSource
+    from streams.worker import Worker
+
+    t0 = 1_767_225_600_000
+    lines = []
+    for i in range(3_000):
+        for model, key in (
+            ("solo", "svc-batch"),
+            ("flooded", "key_app" if i % 50 == 0 else "key_flood"),
+        ):
+            event = {
+                "schema_version": 1, "event_id": f"{model}-{i}", "ts": t0 + i * 1_000,
+                "model_id": model, "api_key_id": key, "input": {"features": {"x": i % 7}},
+                "output": {"scores": {"no": 0.7, "yes": 0.3}},
+            }  # fmt: skip
+            lines.append(orjson.dumps(event))
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    store = f"chdb:{tmp_path / 'store'}"
+    with Store(store) as st:
+        source = FileSource(path)
+        Worker(st, source, [DetectionBlind(after_events=2_500), PSI()]).run()
+        source.close()
+        blind = st.query(
+            "SELECT entity, status FROM alerts FINAL WHERE detector = 'pipeline.detection_blind'"
+        ).result_rows
+    assert blind == [("flooded", "firing")]
+    runner = CliRunner()
+    pq.write_table(table(300, 4), tmp_path / "ref.parquet")
+    res = runner.invoke(
+        app, ["set", "--model", "other", "--from", str(tmp_path / "ref.parquet"), "--store",
+              store, "--new-model"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main_app, ["reference", "list", "--format", "jsonl", "--store", store])
+    assert res.exit_code == 0, res.output
+    rows = {r["model_id"]: r for r in map(orjson.loads, res.output.splitlines())}
+    assert {m: (r["state"], r["source"]) for m, r in rows.items()} == {
+        "flooded": ("building", ""),
+        "other": ("frozen", "operator (file)"),
+        "solo": ("frozen", "auto"),
+    }
+    assert (rows["solo"]["events"], rows["solo"]["events_seen"], rows["solo"]["callers"]) == (
+        2_000, 2_000, 1,
+    )  # fmt: skip
+    building = rows["flooded"]
+    assert (building["events"], building["target"], building["callers"]) == (1_060, 2_000, 2)
+    assert building["capped_callers"] == ["key_flood"] and building["events_seen"] == 3_000
+    assert "waiting for the other callers' events" in building["detail"]
+    table_out = runner.invoke(main_app, ["reference", "list", "--store", store]).output
+    assert "1,060 of 2,000" in table_out and "capped: key_flood" in table_out
+    shown = runner.invoke(app, ["show", "--model", "flooded", "--store", store])
+    assert shown.exit_code == 0 and "state" in shown.output and "building" in shown.output
+    missing = runner.invoke(app, ["show", "--model", "nope", "--store", store])
+    assert missing.exit_code == 2 and "known: flooded, other, solo" in missing.output

@@ -118,13 +118,35 @@ def test_extraction_slow_grid_mixed_with_benign_queries_is_alerted_as_a_lattice(
     assert ev["queries_before"] < 150  # of the key's 600: the grid's first 60-odd queries
 
 
+def test_extraction_runs_its_scale_signals_before_the_reference_exists() -> None:
+    """No reference yet, only the rows so far: a boundary walk is alerted on its
+    near-duplicates; random queries (off-manifold only) and benign callers are not."""
+    tr, walker = attack_stream("boundary", 0, 600)
+    randoms, _ = attack_stream("random", 0, 400, seed=6)
+    randoms.key = [np.array(["key_random01"] * a.size, object) for a in randoms.key]
+    for name in ("ts", "key", "ip", "session", "model", "x", "tag"):
+        getattr(tr, name).extend(getattr(randoms, name))
+    early = sim_fixtures.provisional(to_batch)
+    assert {k for k, ref in early.items() if not ref.complete} == set(early) and early
+    r = Runner(QueryPattern(), provisional=early).run(batches(tr))
+    assert alerted(r) == {walker}
+    ev = next(a for _, out in r.log for a in out.alerts if a.entity == walker).evidence
+    assert set(ev["signals"]) <= {"near_duplicates", "near_duplicate_streak", "lattice"}
+    assert Runner(QueryPattern()).run(batches(tr)).log and not alerted(
+        Runner(QueryPattern()).run(batches(tr))
+    )  # without the rows so far nothing runs at all: the test above is not vacuous
+
+
 def test_extraction_benign_mix_raises_nothing() -> None:
     """Retry loops, re-queried records, what-if edits, fixtures, NAT addresses, batch jobs.
     (Seed 3 of this size holds a retry caller whose records sit at the edge of the model's
     data, and its key is flagged off-manifold: the limit the evaluation reports.)"""
     tr, _, _ = benign(world(), seed=4, callers=400)
-    r = run(batches(tr, 5_000))
+    bs = batches(tr, 5_000)
+    r = run(bs)
     assert not [a for _, out in r.log for a in out.alerts]
+    early = Runner(QueryPattern(), provisional=sim_fixtures.provisional(to_batch)).run(bs)
+    assert not [a for _, out in early.log for a in out.alerts]  # before the reference, too
 
 
 @functools.cache

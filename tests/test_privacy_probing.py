@@ -98,12 +98,31 @@ def test_privacy_probing_slow_attack_mixed_with_benign_queries_is_alerted() -> N
     assert {a.entity for a in firing(run(batches(tr)))} == {"key_slow"}
 
 
+def test_privacy_probing_runs_hill_climbing_before_the_reference_exists() -> None:
+    """No reference yet, only the rows so far: an inversion walk is alerted (its run of
+    perturbations needs a scale), membership probing (clusters on the manifold) is not."""
+    walk, climber = attack_stream("inversion_noise", 0, 200)
+    members, _ = attack_stream("shadow", 0, 250, seed=6)
+    members.key = [np.array(["key_member01"] * a.size, object) for a in members.key]
+    for name in ("ts", "key", "ip", "session", "model", "x", "tag"):
+        getattr(walk, name).extend(getattr(members, name))
+    early = sim_fixtures.provisional(label_only_batch)
+    found = firing(Runner(QueryProbing(), provisional=early).run(batches(walk)))
+    assert {a.entity for a in found} == {climber}
+    assert found[0].evidence["atlas"] == ["AML.T0024.001"]
+    with_reference = {a.entity for a in firing(run(batches(walk)))}
+    assert with_reference == {climber, "key_member01"}  # what the reference adds
+
+
 def test_privacy_probing_benign_mix_raises_nothing() -> None:
     """Retry loops, re-queried records, what-if edits, fixtures, batch jobs, NAT addresses."""
     tr, _, _ = benign(world(), seed=4, callers=400)
-    r = run(batches(tr, 5_000))
+    bs = batches(tr, 5_000)
+    r = run(bs)
     assert not [a for _, out in r.log for a in out.alerts]
     assert not [f for _, out in r.log for f in out.findings if f.rows.size]
+    early = Runner(QueryProbing(), provisional=sim_fixtures.provisional(label_only_batch)).run(bs)
+    assert not [a for _, out in early.log for a in out.alerts]  # before the reference, too
 
 
 def test_privacy_probing_retries_and_edited_requeries_are_not_flagged() -> None:
@@ -395,3 +414,24 @@ def test_privacy_probing_harvesting_needs_volume_and_perturbed_records() -> None
     assert {a.entity for a in found} == {attacker}
     assert found[0].evidence["signals"] == ["confidence_harvesting"]
     assert found[0].evidence["hour_full_scores"] >= found[0].evidence["hour_threshold"]
+
+
+def test_privacy_probing_scales_a_reference_with_a_column_no_row_has() -> None:
+    # found by the fuzzer: a feature the index knows from other events, empty in every row
+    from detectors.privacy_state import Scaler
+    from detectors.query_sketch import build_sketch
+    from detectors.reference_store import ReferenceStore
+
+    n = 300
+    rng = np.random.default_rng(3)
+    b = cf.make_batch(
+        list(range(n)), [f"k{i % 40}" for i in range(n)], features=rng.normal(size=(n, 3))
+    )
+    (ref,) = ReferenceStore(n_events=n).update(b, route(b, FeatureIndex()))
+    sample = np.array(ref.sample_features)
+    sample[:, 1] = np.nan
+    ref = dataclasses.replace(ref, sample_features=sample)
+    sk = build_sketch(ref)
+    assert sk is not None
+    sc = Scaler.of(sk, ref)
+    assert (sc.centre[1], sc.inv_scale[1]) == (0.0, 1.0)
