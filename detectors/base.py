@@ -3,7 +3,8 @@
 A detector is a small object (river's shape): hyperparameters in the constructor, ``update`` on
 a whole batch, ``advance`` when event time moves on, ``snapshot``/``restore``/``reset``/``clone``.
 It is pure: no I/O, no clocks, no logging. All keys of a batch are updated at once; state lives
-in :class:`KeyedColumns`, one row per slot of the shared :class:`~detectors.keys.KeySlots` map.
+in :class:`KeyedColumns`, one row per slot of the shared :class:`~detectors.keyed.slots.KeySlots`
+map.
 
 Outputs are values: findings are rows of the batch with a label, score and evidence; alerts are
 episode changes (an episode opens when a key's decision first crosses its threshold and closes
@@ -21,13 +22,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_chec
 import numpy as np
 import numpy.typing as npt
 
-from detectors.keys import KeySlots
-from detectors.routing import ModelView
+from detectors.keyed.slots import KeySlots
+from detectors.models.routing import ModelView
 from schemas.batch import EventBatch
 
 if TYPE_CHECKING:
-    from detectors.reference import Reference
-    from detectors.reference_store import Building
+    from detectors.models.reference import Reference
+    from detectors.models.reference_store import Building
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]

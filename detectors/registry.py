@@ -20,13 +20,13 @@ from detectors.base import Detector
 
 # registry name -> "module:Class"; one public detector per module
 BUILTIN: dict[str, str] = {
-    "abuse.rate_spike": "detectors.rate_spike:RateSpike",
-    "pipeline.detection_blind": "detectors.detection_blind:DetectionBlind",
-    "drift.features": "detectors.drift:FeatureDrift",
-    "drift.psi": "detectors.psi:PSI",
-    "extraction.query_pattern": "detectors.extraction:QueryPattern",
-    "pipeline.silent_source": "detectors.silent_source:SilentSource",
-    "privacy.query_probing": "detectors.privacy_probing:QueryProbing",
+    "abuse.rate_spike": "detectors.abuse.rate_spike:RateSpike",
+    "pipeline.detection_blind": "detectors.pipeline.detection_blind:DetectionBlind",
+    "drift.features": "detectors.drift.features:FeatureDrift",
+    "drift.psi": "detectors.drift.psi:PSI",
+    "extraction.query_pattern": "detectors.extraction.query_pattern:QueryPattern",
+    "pipeline.silent_source": "detectors.pipeline.silent_source:SilentSource",
+    "privacy.query_probing": "detectors.privacy.query_probing:QueryProbing",
 }
 
 _CLASSES: dict[str, type[Any]] = {}

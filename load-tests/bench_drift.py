@@ -3,7 +3,7 @@
 1. The matrix path: 100 numeric features, a pre-built float32 matrix fed in batches of 10,000
    events (binning, hop histograms, and every test family evaluated at every hop of 100 events),
    the way ``load-tests/eval_drift.py`` runs its controls.
-2. On the spine's benchmark workload (``streams.simulate`` scenario ``bench``, decoded by the
+2. On the spine's benchmark workload (``streams.sim.simulate`` scenario ``bench``, decoded by the
    worker's pipeline in batches of 10,000 with every other shipped detector on): the time spent
    in ``drift.features``' own ``update`` and ``advance``, per event.
 
@@ -29,8 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from detectors.drift import FeatureDrift
-from detectors.drift_bins import build_layout
+from detectors.drift.bins import build_layout
+from detectors.drift.features.detector import FeatureDrift
 
 
 def matrix(batches: int, repeats: int, features: int = 100, batch: int = 10_000) -> None:
@@ -97,8 +97,8 @@ class Timed:
 
 def spine(events: int, batch: int = 10_000) -> None:
     from detectors.registry import create, names
-    from streams.pipeline import Pipeline
-    from streams.simulate import write
+    from streams.sim.simulate import write
+    from streams.worker.pipeline import Pipeline
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "bench.jsonl"

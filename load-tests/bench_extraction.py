@@ -39,11 +39,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from detectors.base import DetectorInput, KeySpace, entity_keys  # noqa: E402
-from detectors.extraction import QueryPattern  # noqa: E402
-from detectors.extraction_state import BLOCK  # noqa: E402
-from detectors.query_sketch import RING  # noqa: E402
-from detectors.reference_store import ReferenceStore  # noqa: E402
-from detectors.routing import FeatureIndex, route  # noqa: E402
+from detectors.extraction.query_pattern.detector import QueryPattern  # noqa: E402
+from detectors.extraction.query_pattern.state import BLOCK  # noqa: E402
+from detectors.models.reference_store import ReferenceStore  # noqa: E402
+from detectors.models.routing import FeatureIndex, route  # noqa: E402
+from detectors.query.sketch import RING  # noqa: E402
 from schemas.batch import EventBatch, empty_batch  # noqa: E402
 
 DIM, BATCH = 64, 10_000
@@ -231,7 +231,7 @@ def spine_inputs(det: Any, events: int) -> Iterator[DetectorInput]:
     """The spine benchmark's events (scenario ``bench``) decoded, keyed, routed and through the
     reference store in batches, as the worker hands them to ``det``."""
     from schemas.decode import decode
-    from streams.simulate import simulate
+    from streams.sim.simulate import simulate
 
     lines, _ = simulate("bench", events, seed=5)
     raw = list(lines)

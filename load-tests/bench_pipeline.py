@@ -39,9 +39,9 @@ def detectors() -> list[Any]:
 
 
 def worker_run(path: Path, store_dir: Path) -> tuple[float, dict[str, float], int]:
-    from streams.sources import FileSource
-    from streams.store import Store
-    from streams.worker import Worker, WorkerSettings
+    from streams.sources.base import FileSource
+    from streams.store.store import Store
+    from streams.worker.loop import Worker, WorkerSettings
 
     t0 = time.perf_counter()
     source = FileSource(path)
@@ -56,10 +56,10 @@ def kafka_run(path: Path, store_dir: Path) -> tuple[float, dict[str, float], int
     worker consumes it into chdb; the clock runs until every event is committed."""
     import threading
 
-    from streams.broker import MockCluster, produce_paced
-    from streams.kafka_source import KafkaSource
-    from streams.store import Store
-    from streams.worker import Worker, WorkerSettings
+    from streams.sim.broker import MockCluster, produce_paced
+    from streams.sources.kafka import KafkaSource
+    from streams.store.store import Store
+    from streams.worker.loop import Worker, WorkerSettings
 
     topic, group = "inferwatch.events.v1", "bench"
     lines = path.read_bytes().splitlines()
@@ -90,7 +90,7 @@ def kafka_run(path: Path, store_dir: Path) -> tuple[float, dict[str, float], int
 
 def baseline_run(path: Path, store_dir: Path) -> float:
     """The naive way: one Python dict per event, row lists, one insert per batch."""
-    from streams.store import Store
+    from streams.store.store import Store
 
     cols = ["event_id", "ts", "model_id", "api_key_id", "client_ip", "features", "scores"]
     t0 = time.perf_counter()
@@ -157,7 +157,7 @@ def main() -> None:
     parser.add_argument("--exclude", action="append", default=[], help="a registry name")
     args = parser.parse_args()
     EXCLUDE.update(args.exclude)
-    from streams.simulate import write
+    from streams.sim.simulate import write
 
     with tempfile.TemporaryDirectory() as tmp:
         small, large = Path(tmp) / "small.jsonl", Path(tmp) / "large.jsonl"

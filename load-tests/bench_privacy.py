@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT / "load-tests"))
 from bench_extraction import BATCH, batch, reference, rss_bytes, spine_inputs, vectors  # noqa: E402
 
 from detectors.base import DetectorInput, KeySpace, entity_keys  # noqa: E402
-from detectors.privacy_probing import QueryProbing  # noqa: E402
-from detectors.routing import route  # noqa: E402
+from detectors.models.routing import route  # noqa: E402
+from detectors.privacy.query_probing.detector import QueryProbing  # noqa: E402
 
 
 def spine(events: int) -> dict[str, float]:

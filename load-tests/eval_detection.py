@@ -5,7 +5,7 @@
 For each seed: simulate the ``default`` scenario (benign population with heavy and
 odd-but-honest callers, plus labelled incidents) and the ``quiet`` one (benign only), replay
 each through a worker into a fresh chdb store, and score the alerts against the truth with
-``streams.evaluate``. Prints, per incident kind, detected/total and the detection delay in event
+``streams.sim.scoring``. Prints, per incident kind, detected/total and the detection delay in event
 time and in the attacker's events; and the benign callers alerted over all benign callers. The
 seeds are not the demo's (7) nor any seed used while writing the detectors.
 """
@@ -53,9 +53,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[101, 102, 103])
     parser.add_argument("--events", type=int, default=100_000)
     args = parser.parse_args()
-    from streams.evaluate import evaluate
-    from streams.simulate import simulate, write
-    from streams.store import Store
+    from streams.sim.scoring import evaluate
+    from streams.sim.simulate import simulate, write
+    from streams.store.store import Store
 
     detected: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     delays: dict[str, list[tuple[float, int]]] = defaultdict(list)

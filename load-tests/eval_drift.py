@@ -37,7 +37,7 @@ from scipy import stats
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 if TYPE_CHECKING:
-    from detectors.drift_windows import Engine
+    from detectors.drift.features.windows import Engine
 
 FEATURES, DRIFTED, REF = 100, 5, 2_000
 NAMES = tuple(f"f{j}" for j in range(FEATURES))
@@ -49,8 +49,8 @@ PARAMS: dict[str, Any] = {}  # overrides of the shipped defaults (development ru
 
 
 def engine_for(reference: np.ndarray) -> Engine:
-    from detectors.drift import FeatureDrift
-    from detectors.drift_bins import build_layout
+    from detectors.drift.bins import build_layout
+    from detectors.drift.features.detector import FeatureDrift
 
     det = FeatureDrift(**PARAMS)
     layout = build_layout(NAMES, (False,) * FEATURES, reference, det.bins)
@@ -226,7 +226,7 @@ def main() -> None:
     if args.evidently:
         evidently_windows(np.random.default_rng(args.seed))
         return
-    from detectors.drift import FeatureDrift
+    from detectors.drift.features.detector import FeatureDrift
 
     rng = np.random.default_rng(args.seed)
     print(f"drift.features: {FeatureDrift(**PARAMS)!r}")

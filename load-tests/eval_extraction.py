@@ -2,8 +2,8 @@
 
     .venv/bin/python load-tests/eval_extraction.py [--seeds 11 12 13] [--callers 10000]
 
-Per seed: 24 h of at least 10,000 benign callers (``streams.sim_callers``) and every attack
-instance of ``streams.sim_attacks`` (fast and slow-and-low), merged in event time and fed in
+Per seed: 24 h of at least 10,000 benign callers (``streams.sim.callers``) and every attack
+instance of ``streams.sim.attacks`` (fast and slow-and-low), merged in event time and fed in
 batches of 10,000 through routing, the reference store (first 2,000 events per model, <= 5%
 per caller, as the worker builds it) and the detector with its shipped defaults.
 
@@ -34,11 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from detectors.base import AlertChange, DetectorInput, KeySpace, entity_keys  # noqa: E402
-from detectors.extraction import QueryPattern  # noqa: E402
-from detectors.reference_store import ReferenceStore  # noqa: E402
-from detectors.routing import FeatureIndex, route  # noqa: E402
-from streams.sim_attacks import inject  # noqa: E402
-from streams.sim_callers import START_MS, Traffic, World, benign, to_batch  # noqa: E402
+from detectors.extraction.query_pattern.detector import QueryPattern  # noqa: E402
+from detectors.models.reference_store import ReferenceStore  # noqa: E402
+from detectors.models.routing import FeatureIndex, route  # noqa: E402
+from streams.sim.attacks import inject  # noqa: E402
+from streams.sim.callers import START_MS, Traffic, World, benign, to_batch  # noqa: E402
 
 BATCH = 10_000
 

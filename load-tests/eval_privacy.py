@@ -2,8 +2,8 @@
 
     .venv/bin/python load-tests/eval_privacy.py [--seeds 11 12 13] [--callers 10000]
 
-Per seed: 24 h of at least 10,000 benign callers (``streams.sim_callers``, the population of
-part 1) and every attack instance of ``streams.sim_privacy`` (shadow-record and label-only
+Per seed: 24 h of at least 10,000 benign callers (``streams.sim.callers``, the population of
+part 1) and every attack instance of ``streams.sim.privacy`` (shadow-record and label-only
 membership probing, confidence-based membership probing with augmentations, hill-climbing
 inversion from noise and from a seed record; fast and slow-and-low), merged in event time,
 with ``limit-linear`` answering labels only, and fed in
@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 from eval_extraction import linked_callers, replay  # noqa: E402
 
-from detectors.privacy_probing import QueryProbing  # noqa: E402
-from streams.sim_callers import MODELS, World, benign  # noqa: E402
-from streams.sim_privacy import ATLAS, inject, label_only_batch  # noqa: E402
+from detectors.privacy.query_probing.detector import QueryProbing  # noqa: E402
+from streams.sim.callers import MODELS, World, benign  # noqa: E402
+from streams.sim.privacy import ATLAS, inject, label_only_batch  # noqa: E402
 
 
 def run_seed(seed: int, callers: int) -> dict[str, object]:

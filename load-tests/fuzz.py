@@ -1,4 +1,5 @@
-"""Hostile input at volume: the seeded mutation fuzzer (tests/fuzzer.py) through the decoder and
+"""Hostile input at volume: the seeded mutation fuzzer (tests/support/fuzzer.py) through the decoder
+and
 every registered detector, in batches of 1,000.
 
     .venv/bin/python load-tests/fuzz.py [--messages 1000000] [--seed 7] [--batch 1000]
@@ -7,7 +8,8 @@ Prints the seed, the messages per kind of mutation, the rejects per reason, and 
 messages/s through decode + detectors (generation excluded) and end to end. Checks as it goes
 that every message is accepted or rejected exactly once, every reject has a reason in
 ``REJECT_REASONS`` and a detail, and every message the fuzzer made valid by construction is
-accepted; exits 1 otherwise, naming the seed. The store is left out (tests/test_fuzz.py writes
+accepted; exits 1 otherwise, naming the seed. The store is left out
+(tests/streams/worker/test_fuzz.py writes
 100,000 of these through a worker into chdb); load-tests/bench_pipeline.py measures the store.
 """
 
@@ -42,7 +44,7 @@ def main() -> int:
 
     from detectors.registry import create_all, names
     from schemas.batch import REJECT_REASONS
-    from streams.pipeline import Pipeline
+    from streams.worker.pipeline import Pipeline
 
     print(f"fuzz seed {args.seed} (replay: --seed {args.seed}); detectors: {', '.join(names())}")
     fuzzer = Fuzzer(args.seed, big_odds=args.big_odds)

@@ -28,10 +28,10 @@ sys.path.insert(0, str(REPO))
 
 import orjson  # noqa: E402
 
-from streams.api_client import read_api_file  # noqa: E402
-from streams.broker import MockCluster, keys_of  # noqa: E402
-from streams.simulate import simulate  # noqa: E402
-from streams.store import Store  # noqa: E402
+from streams.api.client import read_api_file  # noqa: E402
+from streams.sim.broker import MockCluster, keys_of  # noqa: E402
+from streams.sim.simulate import simulate  # noqa: E402
+from streams.store.store import Store  # noqa: E402
 
 
 class Receiver:

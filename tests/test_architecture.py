@@ -6,15 +6,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
 ROOT = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").exists())
 DOC = ROOT / "docs" / "architecture.md"
 PACKAGES = ("schemas", "detectors", "streams")
-
-# The page describes the layout of issue 15; until the re-layout is applied these fail, and
-# the codemod that applies it removes the marker (a strict xfail that passes is a failure).
-UNTIL_RELAYOUT = pytest.mark.xfail(strict=True, reason="docs/architecture.md is the new layout")
 
 
 def table_modules(text: str) -> list[str]:
@@ -36,7 +30,6 @@ def test_architecture_table_reader_finds_rows() -> None:
     assert table_modules(text) == ["a/b.py", "c.py"]
 
 
-@UNTIL_RELAYOUT
 def test_architecture_module_table_lists_every_module() -> None:
     listed = table_modules(DOC.read_text())
     assert len(listed) == len(set(listed)), "a module is listed twice"
@@ -45,7 +38,6 @@ def test_architecture_module_table_lists_every_module() -> None:
     assert sorted(set(listed) - present) == [], "docs/architecture.md lists modules that are gone"
 
 
-@UNTIL_RELAYOUT
 def test_architecture_page_names_only_files_that_exist() -> None:
     named = set(re.findall(r"(?<![\w/.])((?:schemas|detectors|streams|tests|load-tests|docs)/"
                            r"[\w/.-]*\w\.(?:py|md|sql|json))", DOC.read_text()))  # fmt: skip

@@ -1,0 +1,1 @@
+"""Key, rate and cost abuse detectors."""

@@ -1,0 +1,1 @@
+"""Model extraction and evasion probing detectors."""

@@ -1,0 +1,1 @@
+"""Per-model views and references: routing, reference profiles, channels."""

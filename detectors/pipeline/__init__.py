@@ -1,0 +1,1 @@
+"""Detectors of the pipeline's own input: silent sources."""

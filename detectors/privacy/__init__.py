@@ -1,0 +1,1 @@
+"""Membership-inference and model-inversion detectors."""

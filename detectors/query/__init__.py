@@ -1,0 +1,1 @@
+"""Per-query geometry shared by the query-pattern detectors: sketches and compiled kernels."""

@@ -1,0 +1,3 @@
+"""Alerts after the detectors: lifecycle, analyst workflow, outbox, routes, the pipeline's own
+health.
+"""

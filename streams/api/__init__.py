@@ -1,0 +1,1 @@
+"""The worker's local API: server, client, queries."""

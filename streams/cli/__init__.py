@@ -1,0 +1,1 @@
+"""The ``inferwatch`` command line, one module per command group."""

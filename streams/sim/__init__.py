@@ -1,0 +1,1 @@
+"""The simulator, the demo, scoring against the truth, the embedded broker."""

@@ -1,0 +1,1 @@
+"""The ClickHouse store and the rows written to it."""

@@ -1,0 +1,1 @@
+"""inferwatch's tests, mirroring the packages."""
