@@ -442,8 +442,7 @@ def open_kafka(spec: str, config: Mapping[str, str] | None = None) -> KafkaSourc
     >>> open_kafka("kafka://broker:9092")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    streams.sources.base.SourceError: source 'kafka://broker:9092': no topic; expected
-    kafka://HOST...
+    streams.sources.base.SourceError: source 'kafka://broker:9092': no topic; expected ...
     """
     bootstrap, topic, params = parse_spec(spec)
     return KafkaSource(
