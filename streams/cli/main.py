@@ -230,7 +230,7 @@ def _routes(webhook: str | None, ca_file: Path | None, hook: dict[str, Any]) -> 
 
 
 def _run_with_progress(worker: Any, src: Any, quiet: bool) -> Any:
-    total = getattr(src, "size_bytes", None)
+    total = src.size_bytes
     if quiet or total is None or not sys.stderr.isatty():
         return worker.run()
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
