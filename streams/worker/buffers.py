@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from detectors.models.reference import Reference
 from streams.store import credentials
 from streams.store import rows as records
 from streams.store.store import Store, TransientStoreError
+from streams.worker.environment import Environment
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,7 +161,7 @@ class EarlyWriter:
             self._pool = None
 
 
-def hmac_key(store: Store) -> bytes:
+def hmac_key(store: Store, env: Environment) -> bytes:
     """The keyed-fingerprint secret: ``INFERWATCH_HMAC_KEY`` (or ``_FILE``), else one kept
     beside the store (``streams.store.credentials.hmac_key``)."""
-    return credentials.hmac_key(store.directory, os.environ)
+    return credentials.hmac_key(store.directory, env.values)

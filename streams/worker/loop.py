@@ -37,6 +37,7 @@ from streams.store.store import Store, TransientStoreError
 from streams.worker import checkpoint, dead_letters, event_ids
 from streams.worker.buffers import Buffers, EarlyWriter, Rows, hmac_key
 from streams.worker.checkpoint import Prepared
+from streams.worker.environment import Environment
 from streams.worker.faults import FAULT_ENV, Faults
 from streams.worker.pipeline import DetectorResult, Pipeline
 
@@ -105,13 +106,16 @@ class Worker:
         settings: WorkerSettings | None = None,
         from_start: bool = False,
         routes: Sequence[Route] = (),
+        environment: Environment | None = None,
     ) -> None:
         self.settings = s = settings or WorkerSettings()
-        self.faults = Faults.from_env()
+        # the INFERWATCH_* variables as the program started (the CLI passes what it read)
+        env = environment if environment is not None else Environment.read()
+        self.faults = Faults.from_env(env)
         self.store = store = self.faults.wrap(store)
         self.routes = tuple(routes)
         self.source = source
-        self.hmac_key = hmac_key(store)
+        self.hmac_key = hmac_key(store, env)
         source.limit_message_bytes(s.limits.max_message_bytes)  # a file skips longer lines
         self.pipeline = Pipeline(
             detectors,
