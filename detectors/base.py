@@ -190,6 +190,8 @@ class Detector(Protocol):
     atlas: ClassVar[tuple[str, ...]]
     owasp: ClassVar[tuple[str, ...]]
     entity_types: ClassVar[tuple[str, ...]]
+    # what the detector does while its model has no reference ("" when it does not need one)
+    without_reference: ClassVar[str]
 
     def update(self, batch: DetectorInput) -> Output: ...
     def advance(self, watermark_ms: int) -> Output: ...
@@ -280,6 +282,7 @@ class DetectorBase:
     atlas: ClassVar[tuple[str, ...]] = ()
     owasp: ClassVar[tuple[str, ...]] = ()
     entity_types: ClassVar[tuple[str, ...]] = ()
+    without_reference: ClassVar[str] = ""
 
     def _params(self) -> dict[str, Any]:
         sig = inspect.signature(type(self).__init__)

@@ -1,4 +1,5 @@
-"""Timestamps of wire schema v1: RFC 3339 date-times to epoch milliseconds.
+"""Timestamps of wire schema v1: RFC 3339 date-times to epoch milliseconds, and back
+(:func:`format_ms`, the one format of every time that leaves the process).
 
 :func:`parse_ts` reads one string, for the reference check; :func:`ts_text_ms` reads the bytes of a
 whole pyarrow string column at once, for the fast decoder. Both implement :data:`TS_PATTERN`.
@@ -9,7 +10,9 @@ whole pyarrow string column at once, for the fast decoder. Both implement :data:
 
 from __future__ import annotations
 
+import datetime as dt
 import re
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -28,6 +31,7 @@ _njit = cast(Callable[[_F], _F], numba.njit(cache=True, nogil=True))
 # 2000-01-01T00:00:00Z <= ts < 2101-01-01T00:00:00Z
 TS_MIN_MS = 946_684_800_000
 TS_END_MS = 4_133_980_800_000
+EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 # RFC 3339 date-time, the grammar ts_text_ms implements on the bytes of a whole column.
 TS_PATTERN = (
     r"^(?P<y>[0-9]{4})-(?P<mo>[0-9]{2})-(?P<d>[0-9]{2})[Tt ]"
@@ -163,3 +167,19 @@ def ts_text_ms(ts: pa.ChunkedArray) -> tuple[I64, Bool]:
     valid = arr.is_valid().to_numpy(zero_copy_only=False)
     _ts_ms(data, ends, valid, ms, ok)
     return ms, ok
+
+
+def format_ms(value: int | dt.datetime) -> str:
+    """The one format of a time leaving the process (webhook bodies, JSON lines, CSV): RFC 3339,
+    UTC, ``Z``, milliseconds. ``value`` is epoch milliseconds, or a datetime (naive ones are UTC,
+    as the store's columns are).
+
+    >>> format_ms(1796679000123), format_ms(dt.datetime(2026, 12, 7, 21, 30, 0, 123456))
+    ('2026-12-07T21:30:00.123Z', '2026-12-07T21:30:00.123Z')
+    """
+    if isinstance(value, dt.datetime):
+        aware = value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+        delta = aware - EPOCH
+        value = (delta.days * 86_400 + delta.seconds) * 1000 + delta.microseconds // 1000
+    seconds, ms = divmod(int(value), 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ms:03d}Z"

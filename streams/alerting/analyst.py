@@ -16,9 +16,8 @@ import datetime as dt
 import difflib
 import getpass
 import hashlib
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -33,9 +32,9 @@ LATEST_END_MS = 4_102_444_800_000  # 2100-01-01, the last time an event may carr
 _MS = pa.timestamp("ms", tz="UTC")
 
 
-def operator() -> str:
-    """Who is acting: ``INFERWATCH_OPERATOR``, else the OS user."""
-    return os.environ.get("INFERWATCH_OPERATOR") or getpass.getuser()
+def operator(env: Mapping[str, str]) -> str:
+    """Who is acting: ``INFERWATCH_OPERATOR`` of ``env`` (read at start), else the OS user."""
+    return env.get("INFERWATCH_OPERATOR") or getpass.getuser()
 
 
 def now_ms() -> int:

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 
 from detectors.base import AlertChange
+from schemas.alert import Alert
 from streams.store import rows as records
 from streams.store.store import Store
 
@@ -62,7 +63,7 @@ class PipelineHealth:
 
     def check(
         self, lag: Mapping[int, int], rejected: int, messages: int, ts_ms: int
-    ) -> list[dict[str, Any]]:
+    ) -> list[Alert]:
         """Alert records (firing or resolved) whose state changed; ``rejected`` of ``messages``
         since the last check; ``ts_ms`` the watermark, for the alerts' event time."""
         out = []
@@ -93,7 +94,7 @@ class PipelineHealth:
     def _episode(
         self, det: str, firing: bool, clear: bool, evidence: dict[str, Any], ts_ms: int,
         score: float, threshold: float,
-    ) -> list[dict[str, Any]]:  # fmt: skip
+    ) -> list[Alert]:  # fmt: skip
         ep = self.open.get(det)
         if firing and ep is None:
             ep = self.open[det] = {"started_ms": int(time.time() * 1000), "ts_ms": ts_ms,
@@ -108,7 +109,7 @@ class PipelineHealth:
     def _record(
         self, det: str, ep: dict[str, Any], status: str, evidence: dict[str, Any], ts_ms: int,
         score: float, threshold: float,
-    ) -> dict[str, Any]:  # fmt: skip
+    ) -> Alert:  # fmt: skip
         lag = det == LAG
         title = (f"Consumer lag on {self.source} is high: detection is running behind" if lag
                  else f"Rejected messages on {self.source} spiked")  # fmt: skip

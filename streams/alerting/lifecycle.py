@@ -7,7 +7,8 @@ decides what a person sees of those alerts:
 
 - **Severity** from the detector's own severity, how far the score crossed its threshold (three
   times or more: one level up) and the model's criticality in the inventory (low: one down,
-  critical: one up), between info and critical.
+  critical: one up), between info and critical: ``schemas.alert.severity``, the one place that
+  decides it.
 - **Suppression.** An alert matching an active silence (matchers on its labels, with an end
   time and an author) or an active allow-list entry (entity type, entity, optionally model) is
   recorded with status ``silenced`` and ``evidence.suppressed_by``, and is not notified; its
@@ -45,8 +46,8 @@ from typing import Any
 
 import orjson
 
-SEVERITIES = ("info", "low", "medium", "high", "critical")
-CRITICALITY_SHIFT = {"low": -1, "medium": 0, "high": 0, "critical": 1}
+from schemas.alert import SEVERITIES, severity
+
 LABELS = ("detector", "model_id", "entity_type", "entity", "tenant", "severity")
 MAX_ALERTS_PER_NOTIFICATION = 100  # the rest are counted, as Alertmanager's max_alerts
 
@@ -166,20 +167,6 @@ class _Group:
     last_sent_ms: int | None = None
     sent: int = 0
     changed: bool = True
-
-
-def severity(base: str, score: float, threshold: float, criticality: str | None) -> str:
-    """Detector severity, +1 for a crossing of three times the threshold, shifted by the model's
-    criticality.
-
-    >>> severity("medium", 4.0, 1.0, "critical"), severity("low", 1.1, 1.0, "low")
-    ('critical', 'info')
-    """
-    level = SEVERITIES.index(base) if base in SEVERITIES else 2
-    if threshold > 0 and score >= 3 * threshold:
-        level += 1
-    level += CRITICALITY_SHIFT.get(criticality or "medium", 0)
-    return SEVERITIES[max(0, min(level, len(SEVERITIES) - 1))]
 
 
 def incident_id(group_key: str, first_ms: int) -> str:

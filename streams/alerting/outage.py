@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from detectors.base import AlertChange
+from schemas.alert import Alert
 from streams.alerting.outbox import Backoff, Outbox, Route, alert_json
 from streams.store import rows as records
 from streams.store.store import Store
@@ -51,7 +52,7 @@ class SinkOutage:
         self.backoff = Backoff()
         self.notified: set[tuple[str, str, str]] = set()  # (alert id, status, route) sent
 
-    def record(self, resolved: bool) -> dict[str, Any]:
+    def record(self, resolved: bool) -> Alert:
         secs = time.monotonic() - self.started_s
         change = AlertChange(
             entity_type="global",
@@ -98,7 +99,7 @@ class SinkOutage:
         now_ms = int(time.time() * 1000)
         return records.alert_record(change, SINK_PAUSED_DETECTOR, "1", (), (), now_ms)
 
-    def notify(self, resolved: bool, budget_s: float = 2.0) -> dict[str, Any]:
+    def notify(self, resolved: bool, budget_s: float = 2.0) -> Alert:
         """Send the alert to every route now (not through the store's outbox); returns it."""
         rec = self.record(resolved)
         payload = alert_json(rec)
@@ -134,7 +135,7 @@ class RefusedDeliveries:
             self.last_status, self.last_error = last.response_status, last.last_error
             self.last_delivery = last.delivery_id
 
-    def record(self, resolved: bool) -> dict[str, Any]:
+    def record(self, resolved: bool) -> Alert:
         name = self.route
         change = AlertChange(
             entity_type="global",
@@ -214,7 +215,7 @@ class RouteHealth:
             refusals.last_delivery = str(ev.get("last_delivery", ""))
             self.refusals[name] = refusals
 
-    def check(self, outbox: Outbox, ts_ms: int) -> list[dict[str, Any]]:
+    def check(self, outbox: Outbox, ts_ms: int) -> list[Alert]:
         """Alert records (firing or resolved) for routes whose state changed."""
         now = time.monotonic()
         out = []
@@ -231,7 +232,7 @@ class RouteHealth:
             out.extend(self._refusals(outbox, name, ts_ms))
         return out
 
-    def _refusals(self, outbox: Outbox, name: str, ts_ms: int) -> list[dict[str, Any]]:
+    def _refusals(self, outbox: Outbox, name: str, ts_ms: int) -> list[Alert]:
         refused = outbox.refused_rows.get(name, 0)
         episode = self.refusals.get(name)
         if episode is None and refused:

@@ -34,18 +34,18 @@ import datetime as dt
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import orjson
 import pyarrow as pa
 
+from schemas.alert import to_wire
 from streams.store.store import Store
 
 PENDING, DELIVERED, REFUSED = 0, 1, 2
 STATES = {"pending": PENDING, "delivered": DELIVERED, "refused": REFUSED}
-TIME_FIELDS = ("ts", "emitted_at", "resolved_at", "first_seen", "last_seen")
 Key = tuple[str, str, str]  # (alert or incident id, status or notification number, route)
 # the newest version of each row, as ``Row`` fields (``_row``)
 ROW_SELECT = (
@@ -74,6 +74,7 @@ class Outcome(Protocol):
 class Route(Protocol):
     name: str
     max_timeouts: int  # timed-out attempts of one delivery before it is refused
+    grouped: bool  # takes group notifications (incidents) rather than single alerts
 
     def deliver(self, key: str, payload: bytes, deadline: float | None = None) -> Outcome: ...
 
@@ -127,16 +128,10 @@ def successor(key: Key) -> Key | None:
     return None
 
 
-def alert_json(record: dict[str, Any]) -> bytes:
-    """The alert v1 JSON a route sends: times as RFC 3339 UTC, as ``inferwatch alerts`` prints."""
-    out = dict(record)
-    for name in TIME_FIELDS:
-        ms = out.get(name)
-        if ms is not None:
-            out[name] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms // 1000)) + (
-                f".{ms % 1000:03d}Z"
-            )
-    return bytes(orjson.dumps(out, option=orjson.OPT_SORT_KEYS))
+def alert_json(record: Mapping[str, Any]) -> bytes:
+    """The alert v1 JSON a route sends (``schemas/alert.py``): times as RFC 3339 UTC with ``Z``
+    and milliseconds, as ``inferwatch alerts --format jsonl`` prints them."""
+    return bytes(orjson.dumps(to_wire(record), option=orjson.OPT_SORT_KEYS))
 
 
 def notification_json(n: Any) -> bytes:
@@ -285,7 +280,7 @@ class Outbox:
         self.held |= {k for k, state in row_states(self.store, before).items() if state == REFUSED}
 
     def stage(
-        self, records: Sequence[dict[str, Any]], seq: int, notifications: Sequence[Any] = ()
+        self, records: Sequence[Mapping[str, Any]], seq: int, notifications: Sequence[Any] = ()
     ) -> int:
         """Write outbox rows not staged before: per (alert, status) for a route that takes
         alerts, per group notification (incident id, its number) for a route that takes
@@ -296,7 +291,7 @@ class Outbox:
             return 0
         candidates: dict[Key, tuple[bool, Any]] = {}  # key -> (grouped, what), in order
         for route in self.routes:
-            if getattr(self.routes[route], "grouped", False):
+            if self.routes[route].grouped:
                 for n in notifications:
                     key = (n.incident_id, n.key.rsplit(":", 1)[1], route)
                     candidates[key] = (True, n)

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 
+from schemas.timestamps import format_ms
 from streams.alerting.outbox_commands import deliveries
 from streams.store.store import Store
 
@@ -211,7 +212,8 @@ def _all(scope: str) -> bool:
 
 
 def iso_ms(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """A stored epoch-millisecond time as the CLI prints it (``schemas.timestamps.format_ms``)."""
+    return format_ms(ms)
 
 
 def references(

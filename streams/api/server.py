@@ -36,6 +36,7 @@ import orjson
 from streams.alerting.outbox_commands import check_retry, retry_command
 from streams.api.client import API_FILE, HOST, ApiError, ApiInfo, read_api_file, write_api_file
 from streams.api.queries import QUERIES
+from streams.sources.base import Source
 from streams.store.credentials import redact
 from streams.store.store import Store, TransientStoreError
 
@@ -58,7 +59,7 @@ class ServedWorker(Protocol):
     @property
     def store(self) -> Store: ...
     @property
-    def source(self) -> Any: ...
+    def source(self) -> Source: ...
     def request_checkpoint(self) -> None: ...
 
 
@@ -448,7 +449,7 @@ class ApiServer:
         self._http.server_close()
 
     def metrics(self) -> str:
-        lag: Mapping[Any, Any] = getattr(self.worker.source, "lag", dict)()
+        lag: Mapping[Any, Any] = self.worker.source.lag()
         return metrics_text(self.worker.counters, lag)
 
     def route(

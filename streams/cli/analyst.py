@@ -17,6 +17,7 @@ import typer
 from streams.api.queries import duration_s, iso_ms
 from streams.cli.main import StoreOpt, _open_store, _query, _worker_api, fail
 from streams.cli.output import Format, emit, text
+from streams.worker.environment import Environment
 
 silence_app = typer.Typer(
     help="Silences: matching alerts are recorded as silenced and not notified.",
@@ -33,6 +34,13 @@ incidents_app = typer.Typer(
 ForOpt = Annotated[str, typer.Option("--for", help="How long: 30m, 2h, 7d.")]
 UntilOpt = Annotated[str | None, typer.Option(help="Until this RFC 3339 time (instead of --for).")]
 WaitOpt = Annotated[float, typer.Option(help="Seconds to wait for a running worker to apply it.")]
+
+
+def _operator() -> str:
+    """Who runs this command (``INFERWATCH_OPERATOR`` as the command started, else the OS user)."""
+    from streams.alerting import analyst  # lazily, as every command here: --help stays fast
+
+    return analyst.operator(Environment.read().values)
 
 
 def _end_ms(for_: str, until: str | None) -> int:
@@ -100,7 +108,7 @@ def silence_add(
     from streams.alerting import analyst
 
     args: dict[str, Any] = {
-        "matchers": matcher, "ends_ms": _end_ms(for_, until), "author": analyst.operator(),
+        "matchers": matcher, "ends_ms": _end_ms(for_, until), "author": _operator(),
         "comment": comment, "silence_id": secrets.token_hex(6),
     }  # fmt: skip
     try:
@@ -159,7 +167,7 @@ def allow_add(
 
     args: dict[str, Any] = {
         "entity_type": entity_type, "entity": entity, "model_id": model,
-        "ends_ms": _end_ms(for_, until), "author": analyst.operator(), "reason": reason,
+        "ends_ms": _end_ms(for_, until), "author": _operator(), "reason": reason,
         "allow_id": secrets.token_hex(6),
     }  # fmt: skip
     try:
@@ -247,7 +255,7 @@ def _change(action: str, incident_id: str, value: str, note: str, store: str | N
     from streams.alerting import analyst
 
     try:
-        change = analyst.incident_change(action, analyst.operator(), value, note)
+        change = analyst.incident_change(action, _operator(), value, note)
     except ValueError as exc:
         fail(str(exc))
     _apply(store, "incident_change", {"incident_id": incident_id, "change": change}, wait,
@@ -262,10 +270,9 @@ def incidents_ack(
     incident_id: str, note: NoteOpt = "", store: StoreOpt = None, wait: WaitOpt = 30.0
 ) -> None:
     """Acknowledge: someone is on it."""
-    from streams.alerting import analyst
 
     _change("ack", incident_id, "", note, store, wait)
-    typer.echo(f"incident {text(incident_id)} acknowledged by {text(analyst.operator())}")
+    typer.echo(f"incident {text(incident_id)} acknowledged by {text(_operator())}")
 
 
 @incidents_app.command("assign")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -113,13 +112,15 @@ def run(
     from detectors.registry import create_all
     from streams.sources.base import SourceError, open_source
     from streams.store.credentials import install_redaction, mask, redact
+    from streams.worker.environment import Environment
     from streams.worker.faults import Faults, FaultSpecError
     from streams.worker.loop import Worker
 
     install_redaction()
     cfg = _config(config)
+    env = Environment.read()
     try:
-        Faults.from_env()
+        Faults.from_env(env)
     except FaultSpecError as exc:
         fail(str(exc))
     store = store or cfg.store_dsn
@@ -133,7 +134,7 @@ def run(
 
             if from_start:
                 fail("--from-start replays a file; for kafka:// use a new ?group= and --store")
-            src: Any = open_kafka(source, config_from_env(os.environ))
+            src: Any = open_kafka(source, config_from_env(env.values))
         else:
             src = open_source(source)
     except SourceError as exc:
@@ -147,7 +148,7 @@ def run(
         settings = cfg.worker_settings(
             batch_max=batch_size, checkpoint_events=checkpoint_events, checkpoint_s=checkpoint_s
         )
-        worker = Worker(st, src, create_all(cfg.detectors), settings, from_start, routes)
+        worker = Worker(st, src, create_all(cfg.detectors), settings, from_start, routes, env)
         worker.install_signal_handlers()
         api = serve_api(worker) if st.dsn.embedded else None
         try:
@@ -191,10 +192,11 @@ def _report_refusals(worker: Any) -> None:
 
 def _config(path: Path | None) -> Any:
     """The checked configuration (the environment's overrides included), or a clear exit."""
+    from streams.worker.environment import Environment
     from streams.worker.settings import ConfigError, load
 
     try:
-        return load(path, os.environ)
+        return load(path, Environment.read().values)
     except ConfigError as exc:
         fail(str(exc))
 
@@ -230,7 +232,7 @@ def _routes(webhook: str | None, ca_file: Path | None, hook: dict[str, Any]) -> 
 
 
 def _run_with_progress(worker: Any, src: Any, quiet: bool) -> Any:
-    total = getattr(src, "size_bytes", None)
+    total = src.size_bytes
     if quiet or total is None or not sys.stderr.isatty():
         return worker.run()
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn

@@ -11,7 +11,8 @@ text in every format:
   (``\\x1b``, ``\\r``, ``\\n``, ``\\u202e``), and a backslash as ``\\\\``, so an escape is never
   ambiguous. Rich markup (``[bold]``, ``[link=...]``) is never interpreted: tables are built
   from ``rich.text.Text``, not from markup strings. Datetimes print as ``YYYY-MM-DD
-  HH:MM:SS``; lists and objects as JSON (kept valid JSON); None as an empty string.
+  HH:MM:SS`` in a table (RFC 3339 UTC with milliseconds in JSON lines and CSV); lists and objects as
+  JSON (kept valid JSON); None as an empty string.
 - ``csv_cell(value)``: ``text``, and a text cell that starts with ``=``, ``+``, ``-``, ``@``,
   a tab or a CR (a spreadsheet formula) gets a leading ``'``; numbers, and text that is a plain
   number such as ``-2.5``, stay numbers.
@@ -38,6 +39,8 @@ from enum import StrEnum
 from typing import Any
 
 import orjson
+
+from schemas.timestamps import format_ms
 
 # a text cell a spreadsheet would run as a formula (OWASP's list)
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
@@ -110,7 +113,11 @@ def csv_cell(value: Any) -> Any:
 
 
 def emit(rows: Sequence[dict[str, Any]], fmt: Format, columns: Sequence[str]) -> None:
-    """Print ``rows`` to stdout as a table of ``columns``, JSON lines or CSV."""
+    """Print ``rows`` to stdout as a table of ``columns``, JSON lines or CSV; in JSON lines and
+    CSV every datetime is RFC 3339 UTC with ``Z`` and milliseconds, as routes send it."""
+    if fmt is not Format.table:
+        rows = [{k: format_ms(v) if isinstance(v, dt.datetime) else v for k, v in row.items()}
+                for row in rows]  # fmt: skip
     if fmt is Format.jsonl:
         out = sys.stdout.buffer
         for row in rows:

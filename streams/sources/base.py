@@ -8,13 +8,17 @@ the last checkpoint left off. The Kafka source lives in ``streams/sources/kafka.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from schemas.batch import Reject
+    from streams.sources.retention_gap import RetentionGap
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +49,14 @@ class Rebalance:
 
 
 class Source(Protocol):
+    """What the worker reads from. The abilities after ``idle`` differ between sources; each
+    source states them (:class:`SourceBase` has the defaults: a single reader, no DLQ topic,
+    no lag, no retention)."""
+
     name: str
+    # partitions move between members of a group (Kafka): a live clock, state on assignment
+    rebalances: ClassVar[bool]
+    has_dlq: ClassVar[bool]  # rejected messages are also sent whole to a DLQ topic
 
     def poll(self, max_messages: int, timeout_s: float) -> Polled: ...
     def seek(self, positions: dict[int, int]) -> None: ...
@@ -57,13 +68,69 @@ class Source(Protocol):
     def pause(self) -> None: ...
     def resume(self) -> None: ...
     def idle(self, timeout_s: float) -> None: ...
+    def set_rebalance(
+        self,
+        on_revoke: Callable[[set[int]], None],
+        on_assign: Callable[[set[int]], dict[int, int]],
+    ) -> None: ...
+    def limit_message_bytes(self, max_bytes: int) -> None: ...
+    def lag(self) -> dict[int, int]: ...
+    def take_gaps(self) -> list[RetentionGap]: ...
+    def send_dlq(
+        self,
+        rejects: Sequence[Reject],
+        partition: npt.NDArray[np.int32],
+        offset: npt.NDArray[np.int64],
+    ) -> None: ...
+    @property
+    def size_bytes(self) -> int | None: ...
+
+
+class SourceBase:
+    """The defaults of a source's optional abilities, for sources to inherit: partitions never
+    move, no DLQ topic, no consumer lag, nothing lost to retention, no known size."""
+
+    rebalances: ClassVar[bool] = False
+    has_dlq: ClassVar[bool] = False
+
+    def set_rebalance(
+        self,
+        on_revoke: Callable[[set[int]], None],
+        on_assign: Callable[[set[int]], dict[int, int]],
+    ) -> None:
+        """Hooks for partitions that move; a source whose partitions never move ignores them."""
+
+    def limit_message_bytes(self, max_bytes: int) -> None:
+        """The decoder's message limit, for a source that can skip longer messages unread."""
+
+    def lag(self) -> dict[int, int]:
+        """Messages behind the end, per assigned partition, where the source knows it."""
+        return {}
+
+    def take_gaps(self) -> list[RetentionGap]:
+        """Ranges deleted unread since the last call (see ``streams/sources/retention_gap.py``)."""
+        return []
+
+    def send_dlq(
+        self,
+        rejects: Sequence[Reject],
+        partition: npt.NDArray[np.int32],
+        offset: npt.NDArray[np.int64],
+    ) -> None:
+        """Send rejected messages whole to the DLQ topic; without one (``has_dlq`` False) the
+        store's ``dead_letters`` rows are all there is."""
+
+    @property
+    def size_bytes(self) -> int | None:
+        """The size of what there is to read, for a progress bar; None when unbounded."""
+        return None
 
 
 class SourceError(Exception):
     """A source that cannot be opened as configured."""
 
 
-class FileSource:
+class FileSource(SourceBase):
     """JSONL file, one event per line; blank lines are skipped, ``\\r\\n`` endings accepted.
 
     A line longer than ``max_line_bytes`` (the decoder's message limit, set by the worker) is
@@ -101,6 +168,9 @@ class FileSource:
     @property
     def size_bytes(self) -> int:
         return self.path.stat().st_size
+
+    def limit_message_bytes(self, max_bytes: int) -> None:
+        self.max_line_bytes = max_bytes
 
     @property
     def position(self) -> int:

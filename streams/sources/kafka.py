@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -30,7 +30,7 @@ from confluent_kafka import (
 )
 
 from schemas.batch import Reject
-from streams.sources.base import Polled, Rebalance, SourceError
+from streams.sources.base import Polled, Rebalance, SourceBase, SourceError
 from streams.sources.kafka_config import DEFAULT_CONSUMER, FIXED_CONSUMER, START_FROM, parse_spec
 from streams.sources.retention_gap import RetentionGap
 
@@ -49,10 +49,11 @@ DLQ_MESSAGE_BYTES = 16 << 20  # the DLQ producer's message.max.bytes unless conf
 DLQ_HEAD_BYTES = 512 << 10  # what is kept of a message the DLQ topic refuses as too large
 
 
-class KafkaSource:
+class KafkaSource(SourceBase):
     """Consumer-group source for the worker; ``set_rebalance`` wires in its hooks."""
 
-    rebalances = True
+    rebalances: ClassVar[bool] = True
+    has_dlq: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -83,7 +84,7 @@ class KafkaSource:
         self.timeout_s = timeout_s
         self.commit_retry_s = commit_retry_s
         self.name = f"kafka://{bootstrap}/{topic}"
-        self.gaps: list[RetentionGap] = []  # drained by the worker
+        self.gaps: list[RetentionGap] = []  # drained by the worker (``take_gaps``)
         self._config = config  # security settings etc., shared with the DLQ producer
         self._rebalance = Rebalance()
         self._assigned: set[int] = set()
@@ -181,6 +182,10 @@ class KafkaSource:
         self._update_lag(cached=False)  # paused partitions fetch nothing: ask the broker
         if self._fatal is not None:
             raise SourceError(f"{self.name}: fatal consumer error: {self._fatal.str()}")
+
+    def take_gaps(self) -> list[RetentionGap]:
+        gaps, self.gaps = self.gaps, []
+        return gaps
 
     def lag(self) -> dict[int, int]:
         """Messages behind the end of each assigned partition, as of the last poll. Other

@@ -4,11 +4,11 @@ reports it: a ``dead_letters`` row and a high-severity global alert."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import pyarrow as pa
 
 from detectors.base import AlertChange
+from schemas.alert import Alert
 from streams.store import rows as records
 
 RETENTION_GAP_DETECTOR = "pipeline.retention_gap"
@@ -51,7 +51,7 @@ class RetentionGap:
             }
         )
 
-    def alert_record(self, ts_ms: int, now_ms: int) -> dict[str, Any]:
+    def alert_record(self, ts_ms: int, now_ms: int) -> Alert:
         """A high-severity global alert. Its episode starts at the gap's first offset, so a
         replay that finds the same gap gives the same alert id."""
         lost = self.lost_events

@@ -2,14 +2,15 @@
 
 Ids are deterministic so a replay writes the same rows again and the store's
 ReplacingMergeTree tables keep one: ``finding_id`` hashes (event_id, detector), ``alert_id``
-hashes (detector, model_id, entity_type, entity, episode start in event time).
+hashes (detector, model_id, entity_type, entity, episode start in event time); both are defined
+with their records in ``schemas/``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,22 +19,12 @@ import orjson
 import pyarrow as pa
 
 from detectors.base import AlertChange, Findings, WindowMetric
+from schemas.alert import Alert, new_alert
 from schemas.batch import EventBatch
+from schemas.finding import finding_id
 from streams.store.fingerprint import hex16
 
 TS = pa.timestamp("ms", tz="UTC")
-ALERT_SCHEMA_VERSION = 1
-RUNBOOK_BASE = "https://inferwatch.invalid/runbooks/"  # replaced by config in the lifecycle issue
-
-
-def stable_id(*parts: object) -> str:
-    """A 128-bit hex id from ``parts``; the same parts give the same id in every process."""
-    text = "\x1f".join(str(p) for p in parts).encode()
-    return hashlib.blake2b(text, digest_size=16).hexdigest()
-
-
-def alert_id(detector: str, model_id: str, entity_type: str, entity: str, start_ms: int) -> str:
-    return stable_id("alert", detector, model_id, entity_type, entity, start_ms)
 
 
 def _sparse_map(
@@ -167,7 +158,7 @@ def findings_table(
 ) -> pa.Table:
     rows = found.rows
     event_ids = batch.event_id[rows]
-    ids = np.array([stable_id("finding", e, detector) for e in event_ids], dtype=object)
+    ids = np.array([finding_id(e, detector) for e in event_ids], dtype=object)
     n = len(rows)
     s = pa.string()
     return pa.table(
@@ -197,43 +188,38 @@ def alert_record(
     atlas: tuple[str, ...],
     owasp: tuple[str, ...],
     emitted_at_ms: int,
-) -> dict[str, Any]:
-    """One alert v1 record (the contracts in schemas/) from an episode change."""
-    resolved = change.status == "resolved"
-    return {
-        "alert_id": alert_id(
-            detector, change.model_id, change.entity_type, change.entity, change.episode_start_ms
-        ),
-        "schema_version": ALERT_SCHEMA_VERSION,
-        "ts": change.ts_ms,
-        "emitted_at": emitted_at_ms,
-        "detector": detector,
-        "detector_version": version,
-        "severity": change.severity,
-        "status": change.status,
-        "resolved_at": (change.resolved_ms or change.ts_ms) if resolved else None,
-        "model_id": change.model_id,
-        "tenant": change.tenant,
-        "entity_type": change.entity_type,
-        "entity": change.entity,
-        "linked_entities": [{"type": t, "id": i} for t, i in change.linked_entities],
-        "score": float(change.score),
-        "threshold": float(change.threshold),
-        "title": change.title,
-        "summary": change.summary,
-        "atlas": list(atlas),
-        "owasp": list(owasp),
-        "evidence": dict(change.evidence),
-        "first_seen": change.first_seen_ms,
-        "last_seen": change.last_seen_ms,
-        "event_count": int(change.event_count),
-        "sample_event_ids": list(change.sample_event_ids),
-        "incident_id": "",
-        "runbook": RUNBOOK_BASE + detector,
-    }
+) -> Alert:
+    """One alert v1 record (``schemas/alert.py``) from an episode change: how every producer
+    (detectors, pipeline health, outages, retention gaps) makes its alerts."""
+    return new_alert(
+        detector=detector,
+        detector_version=version,
+        model_id=change.model_id,
+        tenant=change.tenant,
+        entity_type=change.entity_type,
+        entity=change.entity,
+        episode_start_ms=change.episode_start_ms,
+        status=change.status,
+        ts_ms=change.ts_ms,
+        emitted_at_ms=emitted_at_ms,
+        severity=change.severity,
+        score=change.score,
+        threshold=change.threshold,
+        title=change.title,
+        summary=change.summary,
+        first_seen_ms=change.first_seen_ms,
+        last_seen_ms=change.last_seen_ms,
+        event_count=change.event_count,
+        resolved_ms=change.resolved_ms,
+        evidence=change.evidence,
+        linked_entities=change.linked_entities,
+        sample_event_ids=change.sample_event_ids,
+        atlas=atlas,
+        owasp=owasp,
+    )
 
 
-def alert_version(record: dict[str, Any]) -> int:
+def alert_version(record: Mapping[str, Any]) -> int:
     """ReplacingMergeTree version: later event time wins, a resolution beats a firing update,
     more events win a tie. Deterministic, so a replay writes the same version."""
     latest = int(max(record["last_seen"], record["resolved_at"] or 0))
@@ -241,7 +227,7 @@ def alert_version(record: dict[str, Any]) -> int:
     return (latest << 21) | (resolved << 20) | min(int(record["event_count"]), (1 << 20) - 1)
 
 
-def alerts_table(records: Sequence[dict[str, Any]]) -> pa.Table:
+def alerts_table(records: Sequence[Mapping[str, Any]]) -> pa.Table:
     s = pa.string()
 
     def col(name: str) -> list[Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +14,7 @@ from detectors.models.reference import Reference
 from streams.store import credentials
 from streams.store import rows as records
 from streams.store.store import Store, TransientStoreError
+from streams.worker.environment import Environment
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +26,7 @@ class Rows:
     # the alert records among them, for the outbox, in order: an alert that fired and resolved
     # since the last checkpoint is its firing record, then its resolved one (only the latest is
     # in the alerts table)
-    alerts: list[dict[str, Any]]
+    alerts: list[Mapping[str, Any]]
 
     def with_seq(self, seq: int) -> Rows:
         """The rows, decision tables stamped with the checkpoint that writes them."""
@@ -50,12 +51,12 @@ class Buffers:
 
     def __init__(self) -> None:
         self.tables: dict[str, list[pa.Table]] = {}
-        self.alerts: dict[str, dict[str, Any]] = {}  # latest record per alert id
+        self.alerts: dict[str, Mapping[str, Any]] = {}  # latest record per alert id
         # alert id -> its firing record, replaced by its resolution since the last checkpoint
-        self.fired: dict[str, dict[str, Any]] = {}
+        self.fired: dict[str, Mapping[str, Any]] = {}
         self.references: list[Reference] = []
 
-    def add_alert(self, record: dict[str, Any]) -> None:
+    def add_alert(self, record: Mapping[str, Any]) -> None:
         """The latest record of its alert; a firing one it replaces is kept for delivery, so
         that a receiver sees an episode fire before it resolves."""
         alert_id = record["alert_id"]
@@ -64,7 +65,7 @@ class Buffers:
             self.fired.setdefault(alert_id, before)
         self.alerts[alert_id] = record
 
-    def alerts_in_order(self) -> list[dict[str, Any]]:
+    def alerts_in_order(self) -> list[Mapping[str, Any]]:
         """Every buffered alert record, a replaced firing one just before its successor."""
         out = []
         for alert_id, record in self.alerts.items():
@@ -160,7 +161,7 @@ class EarlyWriter:
             self._pool = None
 
 
-def hmac_key(store: Store) -> bytes:
+def hmac_key(store: Store, env: Environment) -> bytes:
     """The keyed-fingerprint secret: ``INFERWATCH_HMAC_KEY`` (or ``_FILE``), else one kept
     beside the store (``streams.store.credentials.hmac_key``)."""
-    return credentials.hmac_key(store.directory, os.environ)
+    return credentials.hmac_key(store.directory, env.values)

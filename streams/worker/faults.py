@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from streams.store.store import Store, TransientStoreError
+from streams.worker.environment import Environment
 
 FAULT_ENV = "INFERWATCH_FAULT"
 KILL_POINTS = ("kill_mid_batch", "kill_after_flush", "kill_after_save", "kill_before_delivery")
@@ -55,8 +56,8 @@ class Faults:
                 ) from None
 
     @classmethod
-    def from_env(cls) -> Faults:
-        return cls(os.environ.get(FAULT_ENV, ""))
+    def from_env(cls, env: Environment) -> Faults:
+        return cls(env.fault)
 
     def kill(self, point: str, count: int) -> None:
         """SIGKILL this process if ``point`` is armed for the ``count``-th time it is reached."""

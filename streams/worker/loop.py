@@ -16,7 +16,7 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ from streams.store.store import Store, TransientStoreError
 from streams.worker import checkpoint, dead_letters, event_ids
 from streams.worker.buffers import Buffers, EarlyWriter, Rows, hmac_key
 from streams.worker.checkpoint import Prepared
+from streams.worker.environment import Environment
 from streams.worker.faults import FAULT_ENV, Faults
 from streams.worker.pipeline import DetectorResult, Pipeline
 
@@ -105,15 +106,17 @@ class Worker:
         settings: WorkerSettings | None = None,
         from_start: bool = False,
         routes: Sequence[Route] = (),
+        environment: Environment | None = None,
     ) -> None:
         self.settings = s = settings or WorkerSettings()
-        self.faults = Faults.from_env()
+        # the INFERWATCH_* variables as the program started (the CLI passes what it read)
+        env = environment if environment is not None else Environment.read()
+        self.faults = Faults.from_env(env)
         self.store = store = self.faults.wrap(store)
         self.routes = tuple(routes)
         self.source = source
-        self.hmac_key = hmac_key(store)
-        if hasattr(source, "max_line_bytes"):  # a file source skips longer lines unread
-            source.max_line_bytes = s.limits.max_message_bytes
+        self.hmac_key = hmac_key(store, env)
+        source.limit_message_bytes(s.limits.max_message_bytes)  # a file skips longer lines
         self.pipeline = Pipeline(
             detectors,
             s.limits,
@@ -162,16 +165,14 @@ class Worker:
         self._assigned_in_outage: set[int] = set()
         if not from_start:
             self._restore()
-        set_rebalance = getattr(source, "set_rebalance", None)
-        if set_rebalance is not None:
-            set_rebalance(self.on_revoke, self.on_assign)
+        source.set_rebalance(self.on_revoke, self.on_assign)
 
     def _restore(self) -> None:
         """Everything the last committed checkpoint saved, for a file and for Kafka alike:
         detector state, the key map with each key's last-seen time, the watermark, the
         pipeline's and the lifecycle's clocks, open groups and incidents. A Kafka source gets
         model-level state here and keyed state with each partition assignment (``on_assign``)."""
-        rebalances = getattr(self.source, "rebalances", False)
+        rebalances = self.source.rebalances
         checkpoint.load(self.store, self.pipeline, set() if rebalances else None)
         blob = checkpoint.load_blob(self.store, LIFECYCLE)
         if blob is not None:
@@ -319,7 +320,7 @@ class Worker:
             for r in result.decoded.rejects:
                 c.rejects_total[r.reason] = c.rejects_total.get(r.reason, 0) + 1
             self.buffers.add("dead_letters", self._dead_letters(result))
-            if hasattr(self.source, "send_dlq"):
+            if self.source.has_dlq:
                 self._dlq.append((result.decoded.rejects, result.partition, result.offset))
         for det, found in result.findings:
             self.buffers.add(
@@ -339,7 +340,7 @@ class Worker:
             c.add_stage(stage, secs)
         c.add_stage("sink_build", time.perf_counter() - t0)
 
-    def _count_alert(self, rec: dict[str, Any]) -> None:
+    def _count_alert(self, rec: Mapping[str, Any]) -> None:
         """Count each alert episode once, when this worker first sees it."""
         if rec["alert_id"] not in self._alert_ids:
             self._alert_ids.add(rec["alert_id"])
@@ -366,7 +367,7 @@ class Worker:
     def _record_gaps(self) -> None:
         """Events retention deleted before we read them (docs/architecture.md): a dead letter
         with the range, the lost-events counter and an alert (see ``RetentionGap``)."""
-        gaps: list[Any] | None = getattr(self.source, "gaps", None)
+        gaps = self.source.take_gaps()
         if not gaps:
             return
         now_ms = int(time.time() * 1000)
@@ -378,7 +379,6 @@ class Worker:
             rec = gap.alert_record(ts, now_ms)
             self._count_alert(rec)
             self.buffers.alerts[rec["alert_id"]] = rec
-        gaps.clear()
 
     def checkpoint(self) -> None:
         """Flush every sink, save state and positions, commit, then deliver alerts. Store
@@ -436,7 +436,7 @@ class Worker:
         messages = c.events_total + rejected
         seen_rejected, seen_messages = self._health_seen
         self._health_seen = (rejected, messages)
-        lag: dict[int, int] = getattr(self.source, "lag", dict)()
+        lag = self.source.lag()
         ts = max(self.pipeline.watermark.max_ts.values(), default=int(time.time() * 1000))
         for rec in self.health.check(lag, rejected - seen_rejected, messages - seen_messages, ts):
             self._count_alert(rec)
@@ -461,10 +461,8 @@ class Worker:
     def _tick(self, at_least: int = INT64_MIN) -> int:
         """The lifecycle clock (docs/architecture.md): the watermark for a file, which replays;
         the wall clock for a live (Kafka) source. It never moves back."""
-        if getattr(self.source, "rebalances", False):
-            now = int(time.time() * 1000)
-        else:
-            now = self.pipeline.watermark.value
+        live = self.source.rebalances
+        now = int(time.time() * 1000) if live else self.pipeline.watermark.value
         self._clock_ms = max(self._clock_ms, now, at_least)
         return self._clock_ms
 
@@ -478,7 +476,7 @@ class Worker:
                     # staged under this checkpoint's seq; deleted at start if it never ends
                     self.outbox.stage(rows.alerts, prepared.seq, notes)
                 for rejects, partition, offset in dlq:
-                    self.source.send_dlq(rejects, partition, offset)  # type: ignore[attr-defined]
+                    self.source.send_dlq(rejects, partition, offset)
                 dlq = []
                 self.faults.kill("kill_after_flush", number)
                 checkpoint.write(self.store, prepared)

@@ -127,9 +127,7 @@ class Pipeline:
         self.idle_key_ms = idle_key_ms
         self.entity_types = sorted({et for d in self.detectors for et in d.entity_types})
         self.reference_users = tuple(
-            (d.name, str(getattr(d, "without_reference", "")))
-            for d in self.detectors
-            if getattr(d, "without_reference", "")
+            (d.name, d.without_reference) for d in self.detectors if d.without_reference
         )
         self.late_events_total = 0
         self.evicted: dict[str, list[tuple[str, int]]] = {}

@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from streams.api.server import serve_api
-from streams.sources.base import Polled
+from streams.sources.base import Polled, SourceBase
 from streams.store.store import Store
 from streams.worker.loop import Worker, WorkerSettings
 
 SETTINGS = WorkerSettings(poll_timeout_s=0.05, checkpoint_s=3600, checkpoint_events=1 << 30)
 
 
-class IdleSource:
+class IdleSource(SourceBase):
     """Never delivers, never ends; reports a fixed consumer lag like the Kafka source will."""
 
     name = "idle:test"

@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jsonschema import Draft202012Validator
 from typer.testing import CliRunner
 
 from detectors.registry import create_all
+from schemas import alert as alert_v1
+from schemas import finding as finding_v1
 from streams.alerting.outage import DELIVERY_REFUSED_DETECTOR
 from streams.alerting.webhook import WebhookRoute, WebhookSettings
 from streams.api.server import metrics_text, serve_api
@@ -110,9 +113,26 @@ def test_outbox_delivers_every_alert_status_once_with_its_key(
         alert = json.loads(req["body"])
         assert set(alert) == ALERT_FIELDS and alert["schema_version"] == 1
         assert req["headers"]["Idempotency-Key"] == f"{alert['alert_id']}:{alert['status']}"
-        assert alert["ts"].endswith("Z")
+        Draft202012Validator(alert_v1.json_schema()).validate(alert)
     assert {k.split(":")[1] for k in keys} == {"firing", "resolved"}
     assert_firing_first(receiver)
+    # the CLI prints what the routes sent: alert v1 with the same times, finding v1
+    sent = {
+        (a["alert_id"], a["status"]): a for a in (json.loads(r["body"]) for r in receiver.requests)
+    }
+    store = f"chdb:{tmp_path / 'store'}"
+    printed = run_cli("alerts", "--store", store, "--format", "jsonl")
+    assert printed.returncode == 0, printed.stderr
+    lines = [json.loads(line) for line in printed.stdout.splitlines()]
+    assert lines and {(a["alert_id"], a["status"]) for a in lines} <= set(sent)
+    for line in lines:
+        Draft202012Validator(alert_v1.json_schema()).validate(line)
+        # a firing alert is sent once and may grow later; where it started does not change
+        assert line["first_seen"] == sent[line["alert_id"], line["status"]]["first_seen"]
+    printed = run_cli("findings", "--store", store, "--format", "jsonl", "--limit", "50")
+    assert printed.returncode == 0, printed.stderr
+    for line in printed.stdout.splitlines():
+        Draft202012Validator(finding_v1.json_schema()).validate(json.loads(line))
 
 
 def test_outbox_retries_a_failing_receiver_and_delivers_once_it_recovers(

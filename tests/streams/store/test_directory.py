@@ -17,6 +17,7 @@ from streams.cli.main import app
 from streams.sim.simulate import write as simulate_write
 from streams.store.store import Store, StoreError
 from streams.worker.buffers import hmac_key
+from streams.worker.environment import Environment
 
 MARKER = "inferwatch.store"  # the documented marker of a store directory
 
@@ -150,7 +151,7 @@ def test_a_symlinked_hmac_key_is_refused(tmp_path: Path) -> None:
     with Store(f"chdb:{tmp_path / 's'}") as st:
         (tmp_path / "s" / "hmac.key").symlink_to(planted)
         with pytest.raises(ValueError, match=r"hmac\.key is a symbolic link"):
-            hmac_key(st)
+            hmac_key(st, Environment.read())
 
 
 def test_store_directory_and_key_files_are_owner_only(
@@ -161,7 +162,7 @@ def test_store_directory_and_key_files_are_owner_only(
     old = os.umask(0o022)
     try:
         with Store(f"chdb:{tmp_path / 'a' / 's'}") as st:
-            key = hmac_key(st)
+            key = hmac_key(st, Environment.read())
     finally:
         os.umask(old)
     root = tmp_path / "a" / "s"

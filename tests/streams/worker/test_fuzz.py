@@ -34,7 +34,7 @@ from schemas.batch import REJECT_REASONS, Limits
 from schemas.decode import decode
 from schemas.event_schema import load_schema
 from schemas.timestamps import TS_END_MS, TS_MIN_MS
-from streams.sources.base import Polled
+from streams.sources.base import Polled, SourceBase
 from streams.store.store import Store
 from streams.worker.loop import Worker, WorkerSettings
 from streams.worker.pipeline import Pipeline
@@ -166,7 +166,7 @@ def check_accounting(messages: list[bytes], rows: list[int], rejects: list[Any])
         assert valid == (i in accepted), (f"seed {SEED}", i, reason, m[:300])
 
 
-class ListSource:
+class ListSource(SourceBase):
     """The messages of a list, ``batch`` at a time, as partition 0 at offsets 0, 1, ..."""
 
     def __init__(self, messages: list[bytes], name: str) -> None:
