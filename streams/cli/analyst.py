@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from streams.api.queries import duration_s, iso_ms
-from streams.cli.main import StoreOpt, _open_store, _query, _worker_api, fail
+from streams.cli.common import StoreOpt, fail, open_store, query, worker_api
 from streams.cli.output import Format, emit, text
 from streams.worker.environment import Environment
 
@@ -61,9 +61,9 @@ def _apply(store: str | None, command: str, args: dict[str, Any], wait: float, d
     """Through the owning worker's API when there is one, else ``direct(store)``."""
     from streams.api.client import ApiError
 
-    client = _worker_api(store)
+    client = worker_api(store)
     if client is None:
-        st = _open_store(store)
+        st = open_store(store)
         try:
             direct(st)
         except ValueError as exc:
@@ -129,7 +129,7 @@ def silence_list(
 ) -> None:
     """Active silences (with --all, expired ones too)."""
 
-    rows = _query(store, "silences", scope="all" if all_ else "active")
+    rows = query(store, "silences", scope="all" if all_ else "active")
     emit(rows, fmt, ["silence_id", "matchers", "starts", "ends", "author", "comment"])
 
 
@@ -188,7 +188,7 @@ def allow_list(
 ) -> None:
     """Active allow-list entries (with --all, expired ones too)."""
 
-    rows = _query(store, "allow_list", scope="all" if all_ else "active")
+    rows = query(store, "allow_list", scope="all" if all_ else "active")
     emit(rows, fmt, ["allow_id", "entity_type", "entity", "model_id", "ends", "author", "reason"])
 
 
@@ -222,7 +222,7 @@ def incidents_list(
 ) -> None:
     """Incidents, most recent first."""
 
-    rows = _query(store, "incidents", **({"status": status} if status else {}))
+    rows = query(store, "incidents", **({"status": status} if status else {}))
     for r in rows:
         r["alerts"] = len(r["alert_ids"])
     emit(rows if fmt is not Format.table else [{c: r[c] for c in LIST_COLUMNS} for r in rows],
@@ -237,7 +237,7 @@ def incidents_show(
     """One incident: its fields, verdict and notes, and its alerts."""
     from streams.alerting import analyst
 
-    (inc,) = _query(store, "incidents", incident_id=incident_id)
+    (inc,) = query(store, "incidents", incident_id=incident_id)
     for key in analyst.INCIDENT_COLUMNS:
         if key not in ("alert_ids", "notes"):
             typer.echo(f"{key:12} {text(inc[key]) or '-'}")

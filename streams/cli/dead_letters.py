@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from streams.cli.main import StoreOpt, _query
+from streams.cli.common import StoreOpt, query
 from streams.cli.output import Format, emit
 
 TABLE_COLUMNS = ["received_at", "reason", "source", "source_partition", "source_offset",
@@ -38,5 +38,5 @@ def dead_letters(
 ) -> None:
     """Rejected messages (redacted; the message is on the DLQ topic or in the file at the
     offset), newest first."""
-    rows = _query(store, "dead_letters", since=since, reason=reason, limit=limit)
+    rows = query(store, "dead_letters", since=since, reason=reason, limit=limit)
     emit(rows, fmt, TABLE_COLUMNS)

@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 
 from streams.api.server import serve_api
+from streams.cli.common import (
+    DEFAULT_STORE,
+    ConfigOpt,
+    StoreOpt,
+    configured_routes,
+    fail,
+    load_config,
+    open_store,
+    query,
+)
 from streams.cli.output import Format, emit
 from streams.cli.reference import app as reference_app
 
@@ -20,50 +30,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-DEFAULT_STORE = "chdb:./inferwatch-data"
 app.add_typer(reference_app, name="reference")
-StoreOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--store",
-        envvar="INFERWATCH_STORE",
-        help="chdb:DIR (embedded ClickHouse) or http(s)://HOST:PORT\\[/DB]; default store.dsn "
-        f"of the config (INFERWATCH_CONFIG), else {DEFAULT_STORE}.",
-    ),
-]
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """One line on stderr, credentials redacted, and exit ``code``."""
-    from streams.store.credentials import redact
-
-    line = " ".join(redact(message).splitlines())
-    typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
-def _open_store(dsn: str | None, cfg: Any = None) -> Any:
-    """The store of ``dsn``, else of the configuration's store.dsn, or a clear exit; its
-    password from the configuration (INFERWATCH_STORE_PASSWORD[_FILE], store.password_file)."""
-    from streams.store.store import Store, StoreError, StoreInUseError, TransientStoreError
-
-    cfg = cfg or _config(None)
-    try:
-        return Store(dsn or cfg.store_dsn, password=cfg.store_password)
-    except StoreInUseError as exc:
-        fail(f"{exc}; stop that worker or use another --store")
-    except (StoreError, TransientStoreError) as exc:
-        fail(str(exc))
-
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        envvar="INFERWATCH_CONFIG",
-        help="TOML configuration (schemas/config.schema.json); none: shipped defaults.",
-    ),
-]
 
 
 @app.command()
@@ -117,7 +84,7 @@ def run(
     from streams.worker.loop import Worker
 
     install_redaction()
-    cfg = _config(config)
+    cfg = load_config(config)
     env = Environment.read()
     try:
         Faults.from_env(env)
@@ -126,7 +93,7 @@ def run(
     store = store or cfg.store_dsn
     if webhook:
         mask(webhook)
-    routes = _configured_routes(cfg, webhook, webhook_ca_file)
+    routes = configured_routes(cfg, webhook, webhook_ca_file)
     try:
         if source.startswith("kafka://"):
             from streams.sources.kafka import open_kafka
@@ -140,7 +107,7 @@ def run(
     except SourceError as exc:
         fail(str(exc))
     try:
-        st = _open_store(store, cfg)
+        st = open_store(store, cfg)
     except BaseException:
         src.close()
         raise
@@ -190,47 +157,6 @@ def _report_refusals(worker: Any) -> None:
     )
 
 
-def _config(path: Path | None) -> Any:
-    """The checked configuration (the environment's overrides included), or a clear exit."""
-    from streams.worker.environment import Environment
-    from streams.worker.settings import ConfigError, load
-
-    try:
-        return load(path, Environment.read().values)
-    except ConfigError as exc:
-        fail(str(exc))
-
-
-def _configured_routes(cfg: Any, webhook: str | None, ca_file: Path | None) -> list[Any]:
-    """The routes of the options, else of the configuration's ``[routes.webhook]``."""
-    hook = cfg.webhook or {}
-    webhook = webhook or hook.get("url")
-    if ca_file is None and hook.get("ca_file"):
-        ca_file = Path(hook["ca_file"])
-    return _routes(webhook, ca_file, hook)
-
-
-def _routes(webhook: str | None, ca_file: Path | None, hook: dict[str, Any]) -> list[Any]:
-    """The delivery routes, checked before anything is opened."""
-    import ssl
-
-    from streams.alerting.webhook import RouteConfigError, WebhookRoute, WebhookSettings
-
-    if not webhook:
-        if ca_file is not None:
-            fail("--webhook-ca-file needs --webhook (or INFERWATCH_WEBHOOK_URL)")
-        return []
-    if ca_file is not None and not ca_file.is_file():
-        fail(f"--webhook-ca-file {ca_file}: expected a PEM file, found none")
-    tuning = {k: hook[k] for k in ("notify", "timeout_s", "max_timeouts") if k in hook}
-    try:
-        return [WebhookRoute(WebhookSettings(webhook, ca_file, **tuning))]
-    except RouteConfigError as exc:
-        fail(f"{exc} (--webhook or INFERWATCH_WEBHOOK_URL)")
-    except ssl.SSLError as exc:
-        fail(f"--webhook-ca-file {ca_file}: not a usable CA bundle ({exc})")
-
-
 def _run_with_progress(worker: Any, src: Any, quiet: bool) -> Any:
     total = src.size_bytes
     if quiet or total is None or not sys.stderr.isatty():
@@ -250,58 +176,6 @@ def _run_with_progress(worker: Any, src: Any, quiet: bool) -> Any:
         )
 
 
-def _query(store: str | None, name: str, **params: Any) -> list[dict[str, Any]]:
-    """A named query: through the running worker's API if one owns the store, else directly.
-    Datetimes come back UTC-aware either way, so both paths print the same RFC 3339 text."""
-    import datetime as dt
-
-    from streams.api import queries
-    from streams.api.client import ApiError
-
-    client = _worker_api(store)
-    if client is not None:
-        try:
-            result: list[dict[str, Any]] = client.query(name, **params)
-        except ApiError as exc:
-            fail(str(exc))
-    else:
-        st = _open_store(store)
-        try:
-            result = queries.QUERIES[name](st, **params)  # type: ignore[operator]
-        except ValueError as exc:
-            fail(str(exc))
-        finally:
-            st.close()
-    for row in result:
-        for key, value in row.items():
-            if isinstance(value, dt.datetime) and value.tzinfo is None:
-                row[key] = value.replace(tzinfo=dt.UTC)  # the store's columns are UTC
-    return result
-
-
-def _worker_api(store: str | None) -> Any:
-    """The API client of the live process that owns an embedded store, or None if no process
-    does (then the caller opens the store itself)."""
-    from streams.api.client import ApiError, connect_api
-    from streams.store.store import StoreError, StoreLock, parse_dsn
-
-    try:
-        dsn = parse_dsn(store or _config(None).store_dsn)
-    except StoreError as exc:
-        fail(str(exc))
-    if dsn.path is None or not StoreLock(dsn.path).held_elsewhere():
-        return None
-    pid = StoreLock(dsn.path).owner()
-    unreachable = f"store {dsn.path} is in use by pid {pid} and its API is not reachable"
-    try:
-        client = connect_api(dsn.path, pid)
-    except ApiError as exc:
-        fail(f"{unreachable}: {exc}")
-    if client is None:
-        fail(f"{unreachable} (no {dsn.path / 'api.json'}: a worker without the API, or starting)")
-    return client
-
-
 @app.command()
 def alerts(
     store: StoreOpt = None,
@@ -312,7 +186,7 @@ def alerts(
     limit: Annotated[int, typer.Option(min=1)] = 1000,
 ) -> None:
     """Alerts (alert v1), newest first."""
-    rows = _query(store, "alerts", since=since, detector=detector, status=status, limit=limit)
+    rows = query(store, "alerts", since=since, detector=detector, status=status, limit=limit)
     cols = ["ts", "severity", "status", "detector", "model_id", "entity_type", "entity"]
     emit(rows, fmt, [*cols, "event_count", "score"])
 
@@ -326,7 +200,7 @@ def findings(
     limit: Annotated[int, typer.Option(min=1)] = 1000,
 ) -> None:
     """Findings (finding v1): one detector's verdict on one event, newest first."""
-    rows = _query(store, "findings", since=since, detector=detector, limit=limit)
+    rows = query(store, "findings", since=since, detector=detector, limit=limit)
     cols = ["ts", "detector", "label", "score", "model_id", "api_key_id", "event_id"]
     emit(rows, fmt, cols)
 
@@ -334,7 +208,7 @@ def findings(
 @app.command()
 def migrate(store: StoreOpt = None) -> None:
     """Create or upgrade the store's tables (also done at every start)."""
-    st = _open_store(store)
+    st = open_store(store)
     try:
         applied = st.applied
     finally:
@@ -421,7 +295,7 @@ def config_check(config: ConfigOpt = None) -> None:
 
     from streams.store.credentials import redact
 
-    cfg = _config(config)
+    cfg = load_config(config)
     settings = cfg.worker_settings()
     typer.echo(f"ok: {cfg.path or 'no file (shipped defaults)'}")
     for var_key, var in sorted(cfg.overrides.items()):

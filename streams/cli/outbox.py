@@ -18,15 +18,15 @@ from typing import Annotated, Any
 
 import typer
 
-from streams.cli.main import (
+from streams.cli.common import (
     ConfigOpt,
     StoreOpt,
-    _config,
-    _configured_routes,
-    _open_store,
-    _query,
-    _worker_api,
+    configured_routes,
     fail,
+    load_config,
+    open_store,
+    query,
+    worker_api,
 )
 from streams.cli.output import Format, emit
 
@@ -57,7 +57,7 @@ def outbox_list(
     params: dict[str, Any] = {"limit": limit, "route": route}
     if status is not None:
         params["status"] = status.value
-    emit(_query(store, "outbox", **params), fmt, LIST_COLUMNS)
+    emit(query(store, "outbox", **params), fmt, LIST_COLUMNS)
 
 
 @outbox_app.command("retry")
@@ -101,11 +101,11 @@ def outbox_retry(
         return
     tracked = chosen | _waiting_behind(store, chosen)
     ids = [delivery_id] if delivery_id else []
-    client = _worker_api(store)
+    client = worker_api(store)
     if client is not None:
         _through_worker(client, ids, route, all_refused, wait, tracked)
     else:
-        routes = _configured_routes(_config(config), webhook, webhook_ca_file)
+        routes = configured_routes(load_config(config), webhook, webhook_ca_file)
         missing = sorted({t.split("/", 1)[0] for t in chosen} - {r.name for r in routes})
         if missing:
             fail(
@@ -120,7 +120,7 @@ def _selection(store: str | None, delivery_id: str | None, route: str | None) ->
     """The refused deliveries a retry makes pending, as ``route/id``; a one-line error (exit 2)
     for an id or route the outbox does not know, or an id with nothing to retry."""
     if delivery_id:
-        rows = _query(store, "outbox", delivery_id=delivery_id, route=route)
+        rows = query(store, "outbox", delivery_id=delivery_id, route=route)
         where = f" on route {route!r}" if route else ""
         if not rows:
             fail(f"no delivery {delivery_id!r}{where}; see `inferwatch outbox list`")
@@ -137,9 +137,9 @@ def _selection(store: str | None, delivery_id: str | None, route: str | None) ->
         if not chosen:
             fail(f"delivery {delivery_id} is pending: the worker sends it when its route takes it")
         return chosen
-    if route and not _query(store, "outbox", route=route, limit=1):
+    if route and not query(store, "outbox", route=route, limit=1):
         fail(f"no deliveries on route {route!r}; see `inferwatch outbox list`")
-    rows = _query(store, "outbox", status="refused", route=route, limit=ALL)
+    rows = query(store, "outbox", status="refused", route=route, limit=ALL)
     return {f"{r['route']}/{r['id']}" for r in rows}
 
 
@@ -147,7 +147,7 @@ def _waiting_behind(store: str | None, chosen: set[str]) -> set[str]:
     """Pending deliveries that wait behind a chosen refused one (a resolution behind its
     firing): they go out with it."""
     out = set()
-    for r in _query(store, "outbox", status="pending", limit=ALL):
+    for r in query(store, "outbox", status="pending", limit=ALL):
         before = r["note"].removeprefix("waits for ").removesuffix(" (refused)")
         if r["note"] and f"{r['route']}/{before}" in chosen:
             out.add(f"{r['route']}/{r['id']}")
@@ -155,7 +155,7 @@ def _waiting_behind(store: str | None, chosen: set[str]) -> set[str]:
 
 
 def _tracked_rows(store: str | None, tracked: set[str]) -> list[dict[str, Any]]:
-    return [r for r in _query(store, "outbox", limit=ALL) if f"{r['route']}/{r['id']}" in tracked]
+    return [r for r in query(store, "outbox", limit=ALL) if f"{r['route']}/{r['id']}" in tracked]
 
 
 def _through_worker(
@@ -196,7 +196,7 @@ def _directly(
     from streams.store.store import TransientStoreError
     from streams.worker.checkpoint import committed_seq
 
-    st = _open_store(store)
+    st = open_store(store)
     try:
         outbox = Outbox(st, routes, committed_seq=committed_seq(st))
         outbox.requeue(ids, route, every)

@@ -311,10 +311,10 @@ def list_references(
 ) -> None:
     """Every (model, version): building (events of the target, callers, capped callers) or
     frozen, and its source (auto or operator)."""
-    from streams.cli.main import _query
+    from streams.cli.common import query
     from streams.cli.output import Format, emit
 
-    rows = _query(store, "references")
+    rows = query(store, "references")
     emit(_shown(rows, fmt), Format(fmt.value), [*LIST_COLUMNS, "detail"])
 
 
@@ -326,12 +326,12 @@ def show_reference(
     fmt: Annotated[ListFormat, typer.Option("--format")] = ListFormat.table,
 ) -> None:
     """One model's reference per version, every field."""
-    from streams.cli.main import _query
+    from streams.cli.common import query
     from streams.cli.output import Format, emit, text
 
-    rows = _query(store, "references", model=model, version=version)
+    rows = query(store, "references", model=model, version=version)
     if not rows:
-        known = sorted({r["model_id"] for r in _query(store, "references")})
+        known = sorted({r["model_id"] for r in query(store, "references")})
         _fail(
             f"no reference or reference build for model {model!r}"
             + (f" version {version!r}" if version is not None else "")
@@ -389,9 +389,9 @@ def set_reference(
             span = parse_range(str(time_range))
     except (ValueError, OSError) as exc:
         _fail(str(exc))
-    from streams.cli.main import _config
+    from streams.cli.common import load_config
 
-    password = _config(None).store_password  # INFERWATCH_STORE_PASSWORD[_FILE]
+    password = load_config(None).store_password  # INFERWATCH_STORE_PASSWORD[_FILE]
     try:
         st = Store(store, password=password)
     except StoreInUseError as exc:
