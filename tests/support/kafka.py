@@ -23,9 +23,11 @@ from typing import Any
 import orjson
 import pytest
 
+from detectors.registry import create_all
 from streams.sim.broker import MockCluster, keys_of, produce_paced, wait_for
 from streams.sim.simulate import simulate
 from streams.sources.kafka import KafkaSource
+from streams.store.store import Store
 from streams.worker.loop import Worker, WorkerSettings
 
 __all__ = [
@@ -195,3 +197,28 @@ class Runner(threading.Thread):
     def check(self) -> None:
         if self.error is not None:
             raise AssertionError(f"worker thread failed: {self.error!r}") from self.error
+
+
+def run_to_end(
+    store: Store,
+    cluster: MockCluster,
+    topic: str,
+    group: str,
+    settings: WorkerSettings = SETTINGS,
+    timeout_s: float = 90,
+) -> Worker:
+    """An in-process worker that reads ``topic`` up to its current end, then stops cleanly."""
+    ends = cluster.watermarks(topic)
+    src = source(cluster, topic, group)
+    try:
+        worker = Worker(store, src, create_all(), settings)
+        run_worker_until(
+            worker,
+            lambda w: all(
+                w.next_offsets.get(p, -1) >= hi for p, (lo, hi) in ends.items() if hi > lo
+            ),
+            timeout_s=timeout_s,
+        )
+    finally:
+        src.close()
+    return worker

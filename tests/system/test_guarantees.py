@@ -31,7 +31,7 @@ from tests.support.kafka import (
     event_ids,
     events,
     produce_paced,
-    run_worker_until,
+    run_to_end,
     source,
     wait_for,
 )
@@ -433,19 +433,7 @@ KAFKA_SETTINGS = WorkerSettings(batch_max=500, checkpoint_s=1.0, checkpoint_even
 def kafka_to_end(store: Store, cluster: MockCluster, topic: str, group: str) -> None:
     """One uninterrupted in-process worker over ``topic`` to its current end, as ``run`` with
     the crash test's options would."""
-    ends = cluster.watermarks(topic)
-    src = source(cluster, topic, group)
-    try:
-        worker = Worker(store, src, create_all(), KAFKA_SETTINGS)
-        run_worker_until(
-            worker,
-            lambda w: all(
-                w.next_offsets.get(p, -1) >= hi for p, (lo, hi) in ends.items() if hi > lo
-            ),
-            timeout_s=120,
-        )
-    finally:
-        src.close()
+    run_to_end(store, cluster, topic, group, KAFKA_SETTINGS, timeout_s=120)
 
 
 def as_ms(ts: str | int) -> int:

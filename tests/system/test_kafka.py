@@ -19,7 +19,6 @@ from streams.sources.kafka import KafkaSource, open_kafka
 from streams.sources.kafka_config import config_from_env
 from streams.sources.retention_gap import RETENTION_GAP_DETECTOR
 from streams.store.store import Store
-from streams.worker.loop import Worker
 from tests.support.kafka import (
     SETTINGS,
     MockCluster,
@@ -30,7 +29,7 @@ from tests.support.kafka import (
     events,
     keys_of,
     produce_paced,
-    run_worker_until,
+    run_to_end,
     source,
     wait_for,
 )
@@ -72,24 +71,6 @@ def worker_process(cluster: MockCluster, tmp_path: Path) -> Iterator[Callable[..
     yield start
     for proc in started:  # before the cluster goes (fixture order)
         proc.kill()
-
-
-def run_to_end(store: Store, cluster: MockCluster, topic: str, group: str) -> Worker:
-    """An in-process worker that reads ``topic`` up to its current end, then stops cleanly."""
-    ends = cluster.watermarks(topic)
-    src = source(cluster, topic, group)
-    try:
-        worker = Worker(store, src, create_all(), SETTINGS)
-        run_worker_until(
-            worker,
-            lambda w: all(
-                w.next_offsets.get(p, -1) >= hi for p, (lo, hi) in ends.items() if hi > lo
-            ),
-            timeout_s=90,
-        )
-    finally:
-        src.close()
-    return worker
 
 
 # --------------------------------------------------------------------------------- spec parsing
